@@ -1,0 +1,80 @@
+"""The stage graph, read from DVC's own index (dvc.yaml), never written a second time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class GraphError(Exception):
+    """dvc.yaml cannot be read as a pipeline (parse error, cycle, unknown stage)."""
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    order: tuple[str, ...]  # topological: every stage after all of its upstream stages
+    upstream: dict[str, tuple[str, ...]]  # stage -> stages whose outputs it reads
+    metrics: dict[str, tuple[str, ...]]  # stage -> its metrics files, relative to the repo root
+
+    def ancestors(self, name: str) -> set[str]:
+        """The stages `name` needs, directly or not (excluding itself)."""
+        seen: set[str] = set()
+        todo = list(self.upstream[name])
+        while todo:
+            cur = todo.pop()
+            if cur not in seen:
+                seen.add(cur)
+                todo.extend(self.upstream[cur])
+        return seen
+
+
+def read_graph(root: str | Path = ".") -> StageGraph:
+    """Build the graph from DVC's index of `root`: only pipeline stages (not `.dvc` files)."""
+    import networkx as nx
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    try:
+        with Repo(str(root)) as repo:
+            graph = repo.index.graph
+            stages = [s for s in graph.nodes if isinstance(s, PipelineStage)]
+            names = {s: s.addressing for s in stages}
+            # DVC's edges point from a stage to the stage it depends on.
+            upstream = {
+                names[s]: tuple(sorted(names[d] for d in graph.successors(s) if d in names)) for s in stages
+            }
+            metrics = {names[s]: tuple(sorted(o.def_path for o in s.outs if o.metric)) for s in stages}
+    except DvcException as exc:
+        raise GraphError(f"{root}: cannot read the DVC pipeline: {exc}") from exc
+    dag = nx.DiGraph()
+    dag.add_nodes_from(upstream)
+    dag.add_edges_from((u, s) for s, ups in upstream.items() for u in ups)
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = nx.find_cycle(dag)
+        raise GraphError(f"dvc.yaml: cycle of {len(cycle)} edges among {len(upstream)} stages: {cycle}")
+    order = tuple(nx.lexicographical_topological_sort(dag))
+    return StageGraph(order=order, upstream=upstream, metrics=metrics)
+
+
+def changed_stages(root: str | Path = ".") -> set[str]:
+    """Stages DVC reports as changed (deps, params, outs or command), from one in-process status call."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return set(repo.status())
+
+
+def plan(graph: StageGraph, changed: set[str], force: bool = False, target: str | None = None) -> list[str]:
+    """Stages to run, in order: the changed ones and everything downstream of them (all of them with
+    `force`), restricted to `target` and its ancestors when a target is given."""
+    if target is not None and target not in graph.upstream:
+        raise GraphError(f"unknown stage {target!r}; stages in dvc.yaml: {', '.join(graph.order)}")
+    scope = set(graph.order) if target is None else graph.ancestors(target) | {target}
+    run: list[str] = []
+    for name in graph.order:
+        if name not in scope:
+            continue
+        if force or name in changed or any(u in run for u in graph.upstream[name]):
+            run.append(name)
+    return run

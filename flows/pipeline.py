@@ -1,0 +1,160 @@
+"""The Prefect flow of the pipeline: one task per DVC stage, in the order of DVC's graph.
+
+`python -m flows.pipeline [--force] [--stage NAME]`. DVC alone decides what is up to date: one status
+call first, then `dvc repro --single-item <stage>` for each stage that changed or sits downstream of a
+change. Prefect adds retries, logs, run history and a markdown artifact with the run's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from flows.dag import GraphError, changed_stages, plan, read_graph
+
+ARTIFACT_KEY = "distillery-pipeline"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def flow_settings(root: Path) -> dict[str, Any]:
+    """The `flow` section of params.yaml (retries), with defaults when absent."""
+    path = root / "params.yaml"
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    settings = {"retries": 1, "retry_delay_seconds": 5}
+    settings.update((doc or {}).get("flow") or {})
+    return settings
+
+
+def failure_line(name: str, output: str, returncode: int) -> str:
+    """The stage's own one-line error (`<name>: error: ...`) if it printed one, else DVC's last error."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    own = [ln for ln in lines if ln.startswith(f"{name}: error:")]
+    if own:
+        return own[-1].removeprefix(f"{name}: error:").strip()
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    return (errors or lines or [f"exit code {returncode}"])[-1]
+
+
+@task(cache_policy=NO_CACHE)
+def run_stage(name: str, root: str, force: bool) -> dict[str, Any]:
+    """Run one stage through DVC, streaming its output to the Prefect log."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name] + (["--force"] if force else [])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    duration = time.perf_counter() - start
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info("%s | %s", name, line)
+    if proc.returncode != 0:
+        raise StageFailed(f"stage {name} failed: {failure_line(name, proc.stdout + proc.stderr, proc.returncode)}")
+    unchanged = "didn't change, skipping" in proc.stdout
+    return {"stage": name, "status": "unchanged" if unchanged else "ran", "duration_s": round(duration, 2)}
+
+
+def read_metrics(root: Path, paths: tuple[str, ...]) -> str:
+    """A short view of a stage's metrics files for the artifact table."""
+    shown = []
+    for rel in paths:
+        path = root / rel
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                data = None
+            keys = ", ".join(f"{k}={v}" for k, v in (data or {}).items() if isinstance(v, (int, float)))
+            shown.append(f"`{rel}`" + (f" ({keys})" if keys else ""))
+    return "; ".join(shown) or "-"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| stage | status | duration (s) | metrics |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['status']} | {r.get('duration_s', '-')} | {r.get('metrics', '-')} |")
+    return "\n".join(lines)
+
+
+@flow(name="distillery-pipeline")
+def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> list[dict[str, Any]]:
+    """Run the DVC pipeline in `root` stage by stage; returns one row per stage (ran, unchanged,
+    skipped, failed or not run)."""
+    logger = get_run_logger()
+    base = Path(root).resolve()
+    graph = read_graph(base)
+    to_run = plan(graph, set() if force else changed_stages(base), force=force, target=stage)
+    settings = flow_settings(base)
+    scope = graph.order if stage is None else [s for s in graph.order if s in graph.ancestors(stage) | {stage}]
+    logger.info("stages: %s; to run: %s", ", ".join(scope), ", ".join(to_run) or "none")
+    rows: dict[str, dict[str, Any]] = {}
+    futures: dict[str, Any] = {}
+    for name in scope:
+        if name not in to_run:
+            rows[name] = {"stage": name, "status": "skipped", "duration_s": 0.0}
+            continue
+        if any(rows.get(u, {}).get("status") in ("failed", "not run") for u in graph.upstream[name]):
+            rows[name] = {"stage": name, "status": "not run", "reason": "upstream failed"}
+            continue
+        runner = run_stage.with_options(
+            name=f"{name}", task_run_name=name, retries=int(settings["retries"]),
+            retry_delay_seconds=float(settings["retry_delay_seconds"]),
+        )
+        upstream = [futures[u] for u in graph.upstream[name] if u in futures]
+        # One stage at a time: DVC's repository lock is not shown to hold under parallel `repro` here.
+        futures[name] = runner.submit(name, str(base), force, wait_for=upstream)
+        futures[name].wait()
+        if futures[name].state.is_completed():
+            rows[name] = futures[name].result()
+        else:
+            rows[name] = {"stage": name, "status": "failed", "error": str(futures[name].state.message)}
+    result = []
+    for name in scope:
+        row = rows[name]
+        row["metrics"] = read_metrics(base, graph.metrics.get(name, ()))
+        result.append(row)
+    table = markdown_table(result)
+    logger.info("pipeline run:\n%s", table)
+    create_markdown_artifact(
+        key=ARTIFACT_KEY, markdown="# distillery pipeline run\n\n" + table,
+        description="Each stage of the DVC pipeline: ran, unchanged, skipped or failed.",
+    )
+    failed = [r for r in result if r["status"] == "failed"]
+    if failed:
+        # Fail the flow run itself, so Prefect's run history and notifications show it.
+        raise StageFailed(failed[0]["error"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="rerun every stage even if DVC finds it up to date")
+    ap.add_argument("--stage", metavar="NAME", help="run up to this stage (it and its upstream stages)")
+    ap.add_argument("--root", default=".", help="the repository to run (default: current folder)")
+    args = ap.parse_args(argv)
+    try:
+        rows = pipeline(root=args.root, force=args.force, stage=args.stage)
+    except (GraphError, StageFailed) as exc:
+        print(f"pipeline: error: {exc}", file=sys.stderr)
+        return 1
+    print(markdown_table(rows))
+    ran = sum(r["status"] == "ran" for r in rows)
+    print(f"pipeline: {ran} stage(s) ran, {len(rows) - ran} up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Stage `clean`: normalize, filter, deduplicate, remove leakage, split off validation, validate with GE.
+
+Rows that break a row-level rule go to `quarantine.parquet` with the rule's name. When a dataset-level
+expectation fails, or too many rows are quarantined, the stage exits non-zero and writes no clean
+split; the validation report (and the quarantine) are still written for inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from stages.common.atomic import dumps_json, outputs
+from stages.common.dataset import conform, split
+from stages.common.errors import StageError, stage_entrypoint
+from stages.common.neardup import near_duplicate_pairs
+from stages.common.params import from_dict, load_section, to_dict
+from stages.common.text import dedup_key, normalize
+from stages.common.validation import Check, ValidationReport, dataset_expectations, run_checks, split_expectations
+
+CLEAN_OUTPUTS = ("train.parquet", "val.parquet", "test.parquet", "labels.json", "clean.json")
+RULES = ("null_text", "null_label", "empty_text", "too_long", "conflicting_labels")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    lowercase: bool = False  # the teacher's tokenizer is uncased anyway; keep case for people reading the data
+    max_chars: int = 512  # longer rows are almost always pasted logs or emails, not queries
+    near_dup_threshold: float = 0.9  # word-shingle Jaccard; 1.0 keeps near-duplicates (exact ones still go)
+    shingle_size: int = 2  # words per shingle; 2 separates "cancel my card" from "cancel my order"
+    val_size: float = 0.1  # share of cleaned train rows held out for early stopping and model selection
+    seed: int = 0
+    min_per_label: int = 5  # fewer training rows than this for a label fails validation
+    max_quarantine_fraction: float = 0.05  # more bad rows than this means the source is broken: fail closed
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_chars, int) or self.max_chars < 1:
+            raise ValueError(f"clean.max_chars must be a positive integer, got {self.max_chars!r}")
+        if not 0.0 < float(self.near_dup_threshold) <= 1.0:
+            raise ValueError(f"clean.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+        if not isinstance(self.shingle_size, int) or self.shingle_size < 1:
+            raise ValueError(f"clean.shingle_size must be a positive integer, got {self.shingle_size!r}")
+        if not 0.0 < float(self.val_size) < 1.0:
+            raise ValueError(f"clean.val_size must be in (0, 1), got {self.val_size}")
+        if not isinstance(self.min_per_label, int) or self.min_per_label < 1:
+            raise ValueError(f"clean.min_per_label must be a positive integer, got {self.min_per_label!r}")
+        if not 0.0 <= float(self.max_quarantine_fraction) <= 1.0:
+            raise ValueError(f"clean.max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction}")
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    train: pl.DataFrame
+    val: pl.DataFrame
+    test: pl.DataFrame
+    quarantine: pl.DataFrame  # id, text, label, group, split, rule
+    labels: dict[str, int]
+    report: dict[str, Any]
+
+
+def apply_rules(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
+    """Normalize text and name the first row-level rule each row breaks (null `rule` when none)."""
+    norm = normalize(pl.col("text"), p.lowercase)
+    frame = frame.with_columns(pl.col("text").alias("raw_text"), norm.alias("text"))
+    rule = (
+        pl.when(pl.col("raw_text").is_null()).then(pl.lit("null_text"))
+        .when(pl.col("label").is_null()).then(pl.lit("null_label"))
+        .when(pl.col("text").str.len_chars() == 0).then(pl.lit("empty_text"))
+        .when(pl.col("text").str.len_chars() > p.max_chars).then(pl.lit("too_long"))
+        .otherwise(pl.lit(None, pl.String))
+    )
+    frame = frame.with_columns(rule.alias("rule"), dedup_key(pl.col("text")).alias("key"))
+    # Same text under different labels: no model can get both right, and neither label can be trusted.
+    conflicts = (
+        frame.filter(pl.col("rule").is_null()).group_by("key").agg(pl.col("label").n_unique().alias("n"))
+        .filter(pl.col("n") > 1)["key"]
+    )
+    return frame.with_columns(
+        pl.when(pl.col("rule").is_null() & pl.col("key").is_in(conflicts.implode()))
+        .then(pl.lit("conflicting_labels")).otherwise(pl.col("rule")).alias("rule")
+    )
+
+
+def drop_exact_duplicates(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Keep the first row (by id) of each normalized, case-folded text."""
+    kept = frame.sort("id").unique(subset="key", keep="first", maintain_order=True)
+    return kept, frame.height - kept.height
+
+
+def near_duplicates(train: pl.DataFrame, test: pl.DataFrame, p: CleanParams) -> tuple[set[str], set[str], list[list[str]]]:
+    """Train ids to drop as near-duplicates of an earlier train row, as near-copies of a test row, and
+    the near-duplicate train pairs that carry different labels (reported, kept)."""
+    if p.near_dup_threshold >= 1.0:
+        return set(), set(), []
+    texts = train["key"].to_list() + test["key"].to_list()
+    ids = train["id"].to_list() + test["id"].to_list()
+    labels = train["label"].to_list() + test["label"].to_list()
+    n_train = train.height
+    dup, leak, label_conflicts = set(), set(), []
+    for i, j, _ in near_duplicate_pairs(texts, p.near_dup_threshold, p.shingle_size, seed=p.seed):
+        if i < n_train <= j:
+            leak.add(ids[i])
+        elif j < n_train:
+            if labels[i] != labels[j]:
+                label_conflicts.append([ids[i], ids[j]])
+            elif ids[i] not in dup:
+                dup.add(ids[j])
+    return dup - leak, leak, label_conflicts
+
+
+def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Cleaned:
+    """Pure core: cleaned train/val/test, the quarantine, label ids and per-step counts."""
+    train_r, test_r = apply_rules(train_in, p), apply_rules(test_in, p)
+    quarantine = pl.concat(
+        [f.filter(pl.col("rule").is_not_null()).with_columns(pl.lit(s).alias("split")) for s, f in
+         (("train", train_r), ("test", test_r))]
+    ).select("id", pl.col("raw_text").alias("text"), "label", "group", "split", "rule").sort("split", "id")
+    train, test = train_r.filter(pl.col("rule").is_null()), test_r.filter(pl.col("rule").is_null())
+    train, train_dups = drop_exact_duplicates(train)
+    test, test_dups = drop_exact_duplicates(test)
+    leaked = train["key"].is_in(test["key"].implode())
+    n_leak = int(leaked.sum())
+    train = train.filter(~leaked)
+    near_dup, near_leak, label_conflicts = near_duplicates(train, test, p)
+    train = train.filter(~pl.col("id").is_in(list(near_dup | near_leak)))
+    train, val = split(conform(train), p.val_size, p.seed)
+    test = conform(test).sort("id")
+    labels = {name: i for i, name in enumerate(sorted(train["label"].unique().to_list()))}
+    n_in = train_in.height + test_in.height
+    rule_counts = {r: int((quarantine["rule"] == r).sum()) for r in RULES}
+    report = {
+        "rows_in": {"train": train_in.height, "test": test_in.height},
+        "quarantined": rule_counts,
+        "quarantine_fraction": round(quarantine.height / n_in, 6) if n_in else 0.0,
+        "exact_duplicates": {"train": train_dups, "test": test_dups},
+        "near_duplicates": len(near_dup),
+        "near_duplicate_label_conflicts": len(label_conflicts),
+        "near_duplicate_label_conflict_examples": label_conflicts[:10],
+        "leakage": {"exact": n_leak, "near": len(near_leak)},
+        "rows_out": {"train": train.height, "val": val.height, "test": test.height},
+        "labels": len(labels),
+        "params": to_dict(p),
+    }
+    return Cleaned(train.sort("id"), val.sort("id"), test, quarantine, labels, report)
+
+
+def validate(result: Cleaned, p: CleanParams, docs_dir: Path | None) -> ValidationReport:
+    """Row-level contract on each split and dataset-level contract on label counts and the quarantine share."""
+    labels = sorted(result.labels)
+    counts = result.train.group_by("label").len("train_rows")
+    # Labels that lost every training row still need a row here, with zero, so the check sees them.
+    all_labels = sorted(set(labels) | set(result.test["label"].to_list()) | set(result.val["label"].to_list()))
+    counts = (
+        pl.DataFrame({"label": all_labels}).join(counts, on="label", how="left")
+        .with_columns(pl.col("train_rows").fill_null(0)).sort("label")
+    )
+    summary = pl.DataFrame({"quarantine_fraction": [result.report["quarantine_fraction"]]})
+    dataset = dataset_expectations(p.min_per_label, p.max_quarantine_fraction)
+    checks = [Check(name, frame, split_expectations(labels, p.max_chars))
+              for name, frame in (("train", result.train), ("val", result.val), ("test", result.test))]
+    checks += [Check("label_counts", counts, dataset["label_counts"]), Check("summary", summary, dataset["summary"])]
+    return run_checks(checks, docs_dir)
+
+
+def failure_message(report: ValidationReport, result: Cleaned, p: CleanParams) -> str:
+    parts = []
+    for f in report.failures():
+        what = f"{f['check']}: {f['expectation']}"
+        if f.get("unexpected_count") is not None:
+            what += f" ({f['unexpected_count']} of {f.get('element_count', '?')} rows unexpected)"
+        if f["check"] == "label_counts":
+            few = result.train.group_by("label").len().filter(pl.col("len") < p.min_per_label)["label"].to_list()
+            missing = sorted(set(result.test["label"].to_list()) - set(result.labels))
+            what += f"; labels under clean.min_per_label={p.min_per_label}: {', '.join(sorted(few) + missing)}"
+        if f["check"] == "summary":
+            what += (f"; quarantine_fraction={result.report['quarantine_fraction']} > "
+                     f"clean.max_quarantine_fraction={p.max_quarantine_fraction} ({result.report['quarantined']})")
+        parts.append(what)
+    return "validation failed: " + "; ".join(parts)
+
+
+@stage_entrypoint("clean")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.clean --in data/01_ingest --out data/02_clean`: reads params.yaml[clean]."""
+    ap = argparse.ArgumentParser(prog="python -m stages.clean", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--in", dest="inp", required=True, help="ingest's output folder")
+    ap.add_argument("--out", required=True, help="output folder (data/02_clean in dvc.yaml)")
+    args = ap.parse_args(argv)
+    p = from_dict(CleanParams, load_section("clean", args.params), "clean")
+    inp, out = Path(args.inp), Path(args.out)
+    for name in ("train.parquet", "test.parquet"):
+        if not (inp / name).is_file():
+            raise StageError(f"{inp / name}: not found; run the ingest stage first")
+    result = clean(pl.read_parquet(inp / "train.parquet"), pl.read_parquet(inp / "test.parquet"), p)
+    with outputs() as w:
+        validation_dir = w.directory(out / "validation")
+        report = validate(result, p, validation_dir / "docs")
+        # results.json is deterministic; the Data Docs HTML under docs/ carries GE's run timestamps.
+        (validation_dir / "results.json").write_text(
+            dumps_json({"success": report.success, "results": report.results}), encoding="utf-8")
+        w.parquet(out / "quarantine.parquet", result.quarantine)
+        if report.success:
+            w.parquet(out / "train.parquet", result.train)
+            w.parquet(out / "val.parquet", result.val)
+            w.parquet(out / "test.parquet", result.test)
+            w.json(out / "labels.json", result.labels)
+            w.json(out / "clean.json", result.report)
+    if not report.success:
+        # Fail closed: no clean split from an earlier run may stay behind looking current.
+        for name in CLEAN_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        raise StageError(f"{failure_message(report, result, p)}; report in {out / 'validation'}")
+    r = result.report
+    print(
+        f"clean: {r['rows_out']['train']} train / {r['rows_out']['val']} val / {r['rows_out']['test']} test rows, "
+        f"{r['labels']} labels; quarantined {sum(r['quarantined'].values())}, duplicates "
+        f"{r['exact_duplicates']['train'] + r['exact_duplicates']['test']} exact + {r['near_duplicates']} near, "
+        f"leakage {r['leakage']['exact']} exact + {r['leakage']['near']} near -> {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Helpers shared by the stages: params, atomic outputs, hashing, the dataset schema, CLI errors."""
