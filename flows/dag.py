@@ -28,8 +28,23 @@ class StageGraph:
         return seen
 
 
+def stage_name(stage, root_dir: str) -> str:
+    """A stage's name as `dvc repro` takes it from the repo root: `name` for the root dvc.yaml,
+    `sub/dvc.yaml:name` for a nested one (DVC's own `addressing` is relative to the current folder)."""
+    import os
+
+    dvcfile = os.path.relpath(stage.dvcfile.path, root_dir)
+    return stage.name if dvcfile == "dvc.yaml" else f"{Path(dvcfile).as_posix()}:{stage.name}"
+
+
 def read_graph(root: str | Path = ".") -> StageGraph:
     """Build the graph from DVC's index of `root`: only pipeline stages (not `.dvc` files)."""
+    return inspect_pipeline(root, with_status=False)[0]
+
+
+def inspect_pipeline(root: str | Path = ".", with_status: bool = True) -> tuple[StageGraph, set[str]]:
+    """The graph and, with `with_status`, the changed stages: one DVC repo opened, one in-process
+    status pass, no subprocess per stage."""
     import networkx as nx
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -39,12 +54,14 @@ def read_graph(root: str | Path = ".") -> StageGraph:
         with Repo(str(root)) as repo:
             graph = repo.index.graph
             stages = [s for s in graph.nodes if isinstance(s, PipelineStage)]
-            names = {s: s.addressing for s in stages}
+            names = {s: stage_name(s, repo.root_dir) for s in stages}
             # DVC's edges point from a stage to the stage it depends on.
-            upstream = {
-                names[s]: tuple(sorted(names[d] for d in graph.successors(s) if d in names)) for s in stages
-            }
+            upstream = {names[s]: tuple(sorted(names[d] for d in graph.successors(s) if d in names)) for s in stages}
             metrics = {names[s]: tuple(sorted(o.def_path for o in s.outs if o.metric)) for s in stages}
+            changed: set[str] = set()
+            if with_status:
+                with repo.lock:
+                    changed = {names[s] for s in stages if s.status(check_updates=True)}
     except DvcException as exc:
         raise GraphError(f"{root}: cannot read the DVC pipeline: {exc}") from exc
     dag = nx.DiGraph()
@@ -54,15 +71,7 @@ def read_graph(root: str | Path = ".") -> StageGraph:
         cycle = nx.find_cycle(dag)
         raise GraphError(f"dvc.yaml: cycle of {len(cycle)} edges among {len(upstream)} stages: {cycle}")
     order = tuple(nx.lexicographical_topological_sort(dag))
-    return StageGraph(order=order, upstream=upstream, metrics=metrics)
-
-
-def changed_stages(root: str | Path = ".") -> set[str]:
-    """Stages DVC reports as changed (deps, params, outs or command), from one in-process status call."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return set(repo.status())
+    return StageGraph(order=order, upstream=upstream, metrics=metrics), changed
 
 
 def plan(graph: StageGraph, changed: set[str], force: bool = False, target: str | None = None) -> list[str]:

@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from flows.dag import GraphError, changed_stages, plan, read_graph
+from flows.dag import GraphError, inspect_pipeline, plan
 
 ARTIFACT_KEY = "distillery-pipeline"
 
@@ -77,7 +77,13 @@ def read_metrics(root: Path, paths: tuple[str, ...]) -> str:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 data = None
-            keys = ", ".join(f"{k}={v}" for k, v in (data or {}).items() if isinstance(v, (int, float)))
+            flat = {}
+            for key, value in (data if isinstance(data, dict) else {}).items():
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                for sub, v in items:
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        flat[key if sub is None else f"{key}.{sub}"] = v
+            keys = ", ".join(f"{k}={v}" for k, v in flat.items())
             shown.append(f"`{rel}`" + (f" ({keys})" if keys else ""))
     return "; ".join(shown) or "-"
 
@@ -95,8 +101,8 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
     skipped, failed or not run)."""
     logger = get_run_logger()
     base = Path(root).resolve()
-    graph = read_graph(base)
-    to_run = plan(graph, set() if force else changed_stages(base), force=force, target=stage)
+    graph, changed = inspect_pipeline(base, with_status=not force)
+    to_run = plan(graph, changed, force=force, target=stage)
     settings = flow_settings(base)
     scope = graph.order if stage is None else [s for s in graph.order if s in graph.ancestors(stage) | {stage}]
     logger.info("stages: %s; to run: %s", ", ".join(scope), ", ".join(to_run) or "none")
@@ -110,7 +116,9 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
             rows[name] = {"stage": name, "status": "not run", "reason": "upstream failed"}
             continue
         runner = run_stage.with_options(
-            name=f"{name}", task_run_name=name, retries=int(settings["retries"]),
+            name=f"{name}",
+            task_run_name=name,
+            retries=int(settings["retries"]),
             retry_delay_seconds=float(settings["retry_delay_seconds"]),
         )
         upstream = [futures[u] for u in graph.upstream[name] if u in futures]
@@ -129,7 +137,8 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
     table = markdown_table(result)
     logger.info("pipeline run:\n%s", table)
     create_markdown_artifact(
-        key=ARTIFACT_KEY, markdown="# distillery pipeline run\n\n" + table,
+        key=ARTIFACT_KEY,
+        markdown="# distillery pipeline run\n\n" + table,
         description="Each stage of the DVC pipeline: ran, unchanged, skipped or failed.",
     )
     failed = [r for r in result if r["status"] == "failed"]

@@ -18,9 +18,15 @@ from stages.common.atomic import dumps_json, outputs
 from stages.common.dataset import conform, split
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.neardup import near_duplicate_pairs
-from stages.common.params import from_dict, load_section, to_dict
+from stages.common.params import from_dict, load_section
 from stages.common.text import dedup_key, normalize
-from stages.common.validation import Check, ValidationReport, dataset_expectations, run_checks, split_expectations
+from stages.common.validation import (
+    Check,
+    ValidationReport,
+    dataset_expectations,
+    run_checks,
+    split_expectations,
+)
 
 CLEAN_OUTPUTS = ("train.parquet", "val.parquet", "test.parquet", "labels.json", "clean.json")
 RULES = ("null_text", "null_label", "empty_text", "too_long", "conflicting_labels")
@@ -67,21 +73,29 @@ def apply_rules(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
     norm = normalize(pl.col("text"), p.lowercase)
     frame = frame.with_columns(pl.col("text").alias("raw_text"), norm.alias("text"))
     rule = (
-        pl.when(pl.col("raw_text").is_null()).then(pl.lit("null_text"))
-        .when(pl.col("label").is_null()).then(pl.lit("null_label"))
-        .when(pl.col("text").str.len_chars() == 0).then(pl.lit("empty_text"))
-        .when(pl.col("text").str.len_chars() > p.max_chars).then(pl.lit("too_long"))
+        pl.when(pl.col("raw_text").is_null())
+        .then(pl.lit("null_text"))
+        .when(pl.col("label").is_null())
+        .then(pl.lit("null_label"))
+        .when(pl.col("text").str.len_chars() == 0)
+        .then(pl.lit("empty_text"))
+        .when(pl.col("text").str.len_chars() > p.max_chars)
+        .then(pl.lit("too_long"))
         .otherwise(pl.lit(None, pl.String))
     )
     frame = frame.with_columns(rule.alias("rule"), dedup_key(pl.col("text")).alias("key"))
     # Same text under different labels: no model can get both right, and neither label can be trusted.
     conflicts = (
-        frame.filter(pl.col("rule").is_null()).group_by("key").agg(pl.col("label").n_unique().alias("n"))
+        frame.filter(pl.col("rule").is_null())
+        .group_by("key")
+        .agg(pl.col("label").n_unique().alias("n"))
         .filter(pl.col("n") > 1)["key"]
     )
     return frame.with_columns(
         pl.when(pl.col("rule").is_null() & pl.col("key").is_in(conflicts.implode()))
-        .then(pl.lit("conflicting_labels")).otherwise(pl.col("rule")).alias("rule")
+        .then(pl.lit("conflicting_labels"))
+        .otherwise(pl.col("rule"))
+        .alias("rule")
     )
 
 
@@ -91,7 +105,9 @@ def drop_exact_duplicates(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     return kept, frame.height - kept.height
 
 
-def near_duplicates(train: pl.DataFrame, test: pl.DataFrame, p: CleanParams) -> tuple[set[str], set[str], list[list[str]]]:
+def near_duplicates(
+    train: pl.DataFrame, test: pl.DataFrame, p: CleanParams
+) -> tuple[set[str], set[str], list[list[str]]]:
     """Train ids to drop as near-duplicates of an earlier train row, as near-copies of a test row, and
     the near-duplicate train pairs that carry different labels (reported, kept)."""
     if p.near_dup_threshold >= 1.0:
@@ -115,10 +131,16 @@ def near_duplicates(train: pl.DataFrame, test: pl.DataFrame, p: CleanParams) -> 
 def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Cleaned:
     """Pure core: cleaned train/val/test, the quarantine, label ids and per-step counts."""
     train_r, test_r = apply_rules(train_in, p), apply_rules(test_in, p)
-    quarantine = pl.concat(
-        [f.filter(pl.col("rule").is_not_null()).with_columns(pl.lit(s).alias("split")) for s, f in
-         (("train", train_r), ("test", test_r))]
-    ).select("id", pl.col("raw_text").alias("text"), "label", "group", "split", "rule").sort("split", "id")
+    quarantine = (
+        pl.concat(
+            [
+                f.filter(pl.col("rule").is_not_null()).with_columns(pl.lit(s).alias("split"))
+                for s, f in (("train", train_r), ("test", test_r))
+            ]
+        )
+        .select("id", pl.col("raw_text").alias("text"), "label", "group", "split", "rule")
+        .sort("split", "id")
+    )
     train, test = train_r.filter(pl.col("rule").is_null()), test_r.filter(pl.col("rule").is_null())
     train, train_dups = drop_exact_duplicates(train)
     test, test_dups = drop_exact_duplicates(test)
@@ -143,7 +165,6 @@ def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Clea
         "leakage": {"exact": n_leak, "near": len(near_leak)},
         "rows_out": {"train": train.height, "val": val.height, "test": test.height},
         "labels": len(labels),
-        "params": to_dict(p),
     }
     return Cleaned(train.sort("id"), val.sort("id"), test, quarantine, labels, report)
 
@@ -155,13 +176,17 @@ def validate(result: Cleaned, p: CleanParams, docs_dir: Path | None) -> Validati
     # Labels that lost every training row still need a row here, with zero, so the check sees them.
     all_labels = sorted(set(labels) | set(result.test["label"].to_list()) | set(result.val["label"].to_list()))
     counts = (
-        pl.DataFrame({"label": all_labels}).join(counts, on="label", how="left")
-        .with_columns(pl.col("train_rows").fill_null(0)).sort("label")
+        pl.DataFrame({"label": all_labels})
+        .join(counts, on="label", how="left")
+        .with_columns(pl.col("train_rows").fill_null(0))
+        .sort("label")
     )
     summary = pl.DataFrame({"quarantine_fraction": [result.report["quarantine_fraction"]]})
     dataset = dataset_expectations(p.min_per_label, p.max_quarantine_fraction)
-    checks = [Check(name, frame, split_expectations(labels, p.max_chars))
-              for name, frame in (("train", result.train), ("val", result.val), ("test", result.test))]
+    checks = [
+        Check(name, frame, split_expectations(labels, p.max_chars))
+        for name, frame in (("train", result.train), ("val", result.val), ("test", result.test))
+    ]
     checks += [Check("label_counts", counts, dataset["label_counts"]), Check("summary", summary, dataset["summary"])]
     return run_checks(checks, docs_dir)
 
@@ -177,8 +202,10 @@ def failure_message(report: ValidationReport, result: Cleaned, p: CleanParams) -
             missing = sorted(set(result.test["label"].to_list()) - set(result.labels))
             what += f"; labels under clean.min_per_label={p.min_per_label}: {', '.join(sorted(few) + missing)}"
         if f["check"] == "summary":
-            what += (f"; quarantine_fraction={result.report['quarantine_fraction']} > "
-                     f"clean.max_quarantine_fraction={p.max_quarantine_fraction} ({result.report['quarantined']})")
+            what += (
+                f"; quarantine_fraction={result.report['quarantine_fraction']} > "
+                f"clean.max_quarantine_fraction={p.max_quarantine_fraction} ({result.report['quarantined']})"
+            )
         parts.append(what)
     return "validation failed: " + "; ".join(parts)
 
@@ -202,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         report = validate(result, p, validation_dir / "docs")
         # results.json is deterministic; the Data Docs HTML under docs/ carries GE's run timestamps.
         (validation_dir / "results.json").write_text(
-            dumps_json({"success": report.success, "results": report.results}), encoding="utf-8")
+            dumps_json({"success": report.success, "results": report.results}), encoding="utf-8"
+        )
         w.parquet(out / "quarantine.parquet", result.quarantine)
         if report.success:
             w.parquet(out / "train.parquet", result.train)

@@ -20,7 +20,7 @@ from stages.common.atomic import outputs
 from stages.common.dataset import conform, split
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.hashing import sha256_bytes
-from stages.common.params import from_dict, load_section, to_dict
+from stages.common.params import from_dict, load_section
 
 FORMATS = ("auto", "csv", "parquet", "jsonl")
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -160,14 +160,19 @@ def ingest(source: Loaded, test: Loaded | None, p: IngestParams) -> tuple[pl.Dat
     sources = [source] + ([test] if test is not None else [])
     report = {
         "sources": [
-            {"role": role, "uri": s.uri, "format": s.format, "sha256": s.sha256, "bytes": s.size_bytes,
-             "rows": s.frame.height}
+            {
+                "role": role,
+                "uri": s.uri,
+                "format": s.format,
+                "sha256": s.sha256,
+                "bytes": s.size_bytes,
+                "rows": s.frame.height,
+            }
             for role, s in zip(("source", "test_source"), sources, strict=False)
         ],
         "split": how,
         "rows": {"train": train.height, "test": test_frame.height},
         "labels": {"train": label_counts(train), "test": label_counts(test_frame)},
-        "params": to_dict(p),
     }
     return train.sort("id"), test_frame.sort("id"), report
 

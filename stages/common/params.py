@@ -46,8 +46,3 @@ def from_dict(cls: type[T], values: dict[str, Any], section: str) -> T:
         if missing:
             raise StageError(f"params.yaml: missing key(s) in '{section}': {', '.join(missing)}") from exc
         raise
-
-
-def to_dict(params: Any) -> dict[str, Any]:
-    """The inverse of from_dict, for recording the params a run used."""
-    return dataclasses.asdict(params)

@@ -61,7 +61,10 @@ def run_checks(checks: list[Check], docs_dir: Path | None) -> ValidationReport:
         site = {
             "class_name": "SiteBuilder",
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(Path(docs_dir).resolve()),
+            },
         }
         ctx.add_data_docs_site(site_name="clean", site_config=site)
         actions = [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["clean"])]
@@ -72,8 +75,12 @@ def run_checks(checks: list[Check], docs_dir: Path | None) -> ValidationReport:
         suite = ctx.suites.add(gx.ExpectationSuite(name=check.name, expectations=check.expectations))
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=check.name, data=batch_def, suite=suite))
         cp = ctx.checkpoints.add(
-            gx.Checkpoint(name=check.name, validation_definitions=[vd], actions=actions,
-                          result_format={"result_format": "SUMMARY"})
+            gx.Checkpoint(
+                name=check.name,
+                validation_definitions=[vd],
+                actions=actions,
+                result_format={"result_format": "SUMMARY"},
+            )
         )
         outcome = cp.run(batch_parameters={"dataframe": check.frame.to_pandas()})
         for vr in outcome.run_results.values():

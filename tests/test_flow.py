@@ -1,0 +1,61 @@
+"""The Prefect flow: its graph is DVC's, it runs what changed, and skips what did not."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flows.dag import GraphError, StageGraph, plan, read_graph
+from tests.conftest import ROOT, copy_project
+
+GRAPH = StageGraph(
+    order=("ingest", "clean", "augment", "report"),
+    upstream={"ingest": (), "clean": ("ingest",), "augment": ("clean",), "report": ("clean",)},
+    metrics={},
+)
+
+
+def test_plan_runs_changed_stages_and_everything_downstream():
+    assert plan(GRAPH, set()) == []
+    assert plan(GRAPH, {"clean"}) == ["clean", "augment", "report"]
+    assert plan(GRAPH, {"augment"}) == ["augment"]
+    assert plan(GRAPH, set(), force=True) == list(GRAPH.order)
+    assert plan(GRAPH, {"ingest"}, target="clean") == ["ingest", "clean"]
+    with pytest.raises(GraphError, match="unknown stage 'nope'"):
+        plan(GRAPH, set(), target="nope")
+
+
+def test_graph_is_read_from_dvc_yaml():
+    stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    graph = read_graph(ROOT)
+    assert set(graph.order) == set(stages)
+    assert list(graph.order) == stages  # dvc.yaml lists stages in flow order
+    assert graph.upstream["ingest"] == ()
+    assert graph.upstream["clean"] == ("ingest",)
+    assert graph.metrics["clean"] == ("data/02_clean/clean.json",)
+
+
+def test_flow_runs_the_stages_then_skips_them_all(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client  # noqa: F401  (the harness is live)
+
+    from flows.pipeline import pipeline
+
+    root = copy_project(tmp_path / "project")
+    first = pipeline(root=str(root))
+    assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran"), ("clean", "ran")]
+    second = pipeline(root=str(root))
+    assert [(r["stage"], r["status"]) for r in second] == [("ingest", "skipped"), ("clean", "skipped")]
+
+
+def test_failed_stage_fails_the_flow_with_the_stage_message(tmp_path, prefect_harness):
+    from flows.pipeline import StageFailed, pipeline
+
+    root = copy_project(tmp_path / "project")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["clean"]["min_per_label"] = 1000
+    params["flow"]["retries"] = 0
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(StageFailed, match="stage clean failed: validation failed: label_counts"):
+        pipeline(root=str(root))
+    assert not (root / "data/02_clean/train.parquet").exists()
+    assert (root / "data/02_clean/validation/results.json").is_file()
