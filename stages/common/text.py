@@ -1,22 +1,40 @@
-"""Text normalization shared by every stage that compares texts (clean, and augment's leakage check)."""
+"""Text normalization shared by every stage that compares texts (clean, and augment's leakage check).
+
+One Python implementation, applied to polars columns through `map_elements`, so the two stages can never
+disagree on whether two texts are the same.
+"""
 
 from __future__ import annotations
+
+import unicodedata
 
 import polars as pl
 
 
-def normalize(expr: pl.Expr, lowercase: bool = False) -> pl.Expr:
+def normalize_text(text: str, lowercase: bool = False) -> str:
     """NFKC, control characters to spaces, format characters (zero-width etc.) removed, whitespace collapsed."""
-    out = (
-        expr.str.normalize("NFKC")
-        .str.replace_all(r"\p{Cc}", " ")
-        .str.replace_all(r"\p{Cf}", "")
-        .str.replace_all(r"\s+", " ")
-        .str.strip_chars()
-    )
-    return out.str.to_lowercase() if lowercase else out
+    text = unicodedata.normalize("NFKC", text)
+    chars = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cc":
+            chars.append(" ")
+        elif cat != "Cf":
+            chars.append(ch)
+    out = " ".join("".join(chars).split())
+    return out.lower() if lowercase else out
+
+
+def dedup_text_key(text: str) -> str:
+    """The key under which two texts count as the same: normalized and case-folded."""
+    return normalize_text(text).lower()
+
+
+def normalize(expr: pl.Expr, lowercase: bool = False) -> pl.Expr:
+    """`normalize_text` on a string column (nulls stay null)."""
+    return expr.map_elements(lambda s: normalize_text(s, lowercase), return_dtype=pl.String, skip_nulls=True)
 
 
 def dedup_key(expr: pl.Expr) -> pl.Expr:
-    """The key under which two texts count as the same: normalized and case-folded."""
-    return normalize(expr).str.to_lowercase()
+    """`dedup_text_key` on a string column (nulls stay null)."""
+    return expr.map_elements(dedup_text_key, return_dtype=pl.String, skip_nulls=True)
