@@ -8,23 +8,22 @@ originals carry `op = original`. Deterministic: each new row draws from a genera
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from stages.common.atomic import outputs
+from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.dataset import conform
 from stages.common.errors import StageError, stage_entrypoint
-from stages.common.params import from_dict, load_section
+from stages.common.params import from_dict
 from stages.common.synonyms import STOP_WORDS, build_synonyms, describe_source, load_embeddings
 from stages.common.text import dedup_text_key
 
@@ -339,18 +338,10 @@ def content_words(texts: list[str], editor: Editor) -> set[str]:
 @stage_entrypoint("augment")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.augment --in data/02_clean --out data/03_augment`: reads params.yaml[augment]."""
-    ap = argparse.ArgumentParser(prog="python -m stages.augment", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--in", dest="inp", required=True, help="clean's output folder")
-    ap.add_argument("--out", required=True, help="output folder (data/03_augment in dvc.yaml)")
-    args = ap.parse_args(argv)
-    p = from_dict(AugmentParams, load_section("augment", args.params), "augment")
-    inp, out = Path(args.inp), Path(args.out)
-    frames = {}
-    for name in ("train", "val", "test"):
-        if not (inp / f"{name}.parquet").is_file():
-            raise StageError(f"{inp / f'{name}.parquet'}: not found; run the clean stage first")
-        frames[name] = pl.read_parquet(inp / f"{name}.parquet")
+    args = stage_args("augment", __doc__, argv, upstream="clean")
+    p = stage_params(AugmentParams, "augment", args.params)
+    out = args.out
+    frames = read_frames(args.inp, ("train", "val", "test"), upstream="clean")
     synonyms: dict[str, list[str]] = {}
     if p.per_row > 0 and (p.ops["synonym"] > 0 or p.ops["insert"] > 0):
         vocab, emb = load_embeddings(p.synonyms.model)

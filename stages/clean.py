@@ -7,7 +7,6 @@ split; the validation report (and the quarantine) are still written for inspecti
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,10 @@ from typing import Any
 import polars as pl
 
 from stages.common.atomic import dumps_json, outputs
+from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.dataset import conform, split
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.neardup import near_duplicate_pairs
-from stages.common.params import from_dict, load_section
 from stages.common.text import dedup_key, normalize
 from stages.common.validation import (
     Check,
@@ -213,17 +212,11 @@ def failure_message(report: ValidationReport, result: Cleaned, p: CleanParams) -
 @stage_entrypoint("clean")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.clean --in data/01_ingest --out data/02_clean`: reads params.yaml[clean]."""
-    ap = argparse.ArgumentParser(prog="python -m stages.clean", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--in", dest="inp", required=True, help="ingest's output folder")
-    ap.add_argument("--out", required=True, help="output folder (data/02_clean in dvc.yaml)")
-    args = ap.parse_args(argv)
-    p = from_dict(CleanParams, load_section("clean", args.params), "clean")
-    inp, out = Path(args.inp), Path(args.out)
-    for name in ("train.parquet", "test.parquet"):
-        if not (inp / name).is_file():
-            raise StageError(f"{inp / name}: not found; run the ingest stage first")
-    result = clean(pl.read_parquet(inp / "train.parquet"), pl.read_parquet(inp / "test.parquet"), p)
+    args = stage_args("clean", __doc__, argv, upstream="ingest")
+    p = stage_params(CleanParams, "clean", args.params)
+    out = args.out
+    frames = read_frames(args.inp, ("train", "test"), upstream="ingest")
+    result = clean(frames["train"], frames["test"], p)
     with outputs() as w:
         validation_dir = w.directory(out / "validation")
         report = validate(result, p, validation_dir / "docs")

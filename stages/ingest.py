@@ -7,7 +7,6 @@ split by group when `ingest.group_column` is set, so no group crosses train and 
 
 from __future__ import annotations
 
-import argparse
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ import fsspec
 import polars as pl
 
 from stages.common.atomic import outputs
+from stages.common.cli import stage_args, stage_params
 from stages.common.dataset import conform, split
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.hashing import sha256_bytes
-from stages.common.params import from_dict, load_section
 
 FORMATS = ("auto", "csv", "parquet", "jsonl")
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -180,15 +179,12 @@ def ingest(source: Loaded, test: Loaded | None, p: IngestParams) -> tuple[pl.Dat
 @stage_entrypoint("ingest")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.ingest --out data/01_ingest`: reads params.yaml[ingest], writes the outputs atomically."""
-    ap = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", required=True, help="output folder (data/01_ingest in dvc.yaml)")
-    args = ap.parse_args(argv)
-    p = from_dict(IngestParams, load_section("ingest", args.params), "ingest")
+    args = stage_args("ingest", __doc__, argv, upstream=None)
+    p = stage_params(IngestParams, "ingest", args.params)
     source = read_source(p.source, p.format)
     test = read_source(p.test_source, p.format) if p.separate_test else None
     train, test_frame, report = ingest(source, test, p)
-    out = Path(args.out)
+    out = args.out
     with outputs() as w:
         w.parquet(out / "train.parquet", train)
         w.parquet(out / "test.parquet", test_frame)
