@@ -12,7 +12,7 @@ from tests.conftest import copy_project, dvc
 def test_repro_then_clean_status_then_only_downstream_of_a_param_change(tmp_path):
     root = copy_project(tmp_path / "project")
     first = dvc(root, "repro")
-    for stage in ("ingest", "clean", "augment"):
+    for stage in ("ingest", "clean", "augment", "distill", "train"):
         assert f"Running stage '{stage}'" in first.stdout
     for rel in (
         "data/01_ingest/train.parquet",

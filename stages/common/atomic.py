@@ -61,6 +61,13 @@ class Outputs:
         self.file(target, lambda p: frame.write_parquet(p, compression="zstd", compression_level=3))
 
     def commit(self) -> None:
+        # mkstemp/mkdtemp create private files; outputs get the usual permissions under the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, _ in self._pending:
+            paths = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]
+            for path in paths:
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         for tmp, target in self._pending:
             if tmp.is_dir():
                 old = None

@@ -14,12 +14,17 @@ from stages.common.params import from_dict, load_section
 T = TypeVar("T")
 
 
-def stage_args(stage: str, doc: str, argv: list[str] | None, upstream: str | None) -> argparse.Namespace:
-    """Parse `python -m stages.<stage>` arguments; `--in` exists when the stage reads an upstream folder."""
+def stage_args(
+    stage: str, doc: str, argv: list[str] | None, upstream: str | None, more: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """Parse `python -m stages.<stage>` arguments; `--in` exists when the stage reads an upstream folder,
+    and `--<name>` for each further upstream stage named in `more`."""
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc.strip().splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     if upstream is not None:
         ap.add_argument("--in", dest="inp", type=Path, required=True, help=f"{upstream}'s output folder")
+    for name in more:
+        ap.add_argument(f"--{name}", type=Path, required=True, help=f"{name}'s output folder")
     ap.add_argument("--out", type=Path, required=True, help="this stage's output folder (as in dvc.yaml)")
     return ap.parse_args(argv)
 

@@ -1,0 +1,272 @@
+"""Stage `train`: the student, trained by knowledge distillation from the teacher's soft labels.
+
+Architecture from params (layers, hidden size, heads, FFN size). `init: teacher` copies the embeddings and
+the chosen teacher layers (DistilBERT-style); `scratch` starts fresh. The vocabulary is trimmed to the
+word pieces of the training corpus, special tokens and every single-character piece, so unseen words
+still tokenize. Loss: alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE(labels), plus
+`hidden_weight` * MSE between the pooled embeddings (through a learned projection when widths differ).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from stages.common.atomic import outputs
+from stages.common.cli import read_frames, stage_args, stage_params
+from stages.common.encoder import TextClassifier, TokenizedTexts, load, save
+from stages.common.errors import StageError, stage_entrypoint
+from stages.common.params import from_dict
+from stages.common.training import OptimParams, fit
+from stages.distill import evaluate
+
+FLOPS_SEQ_LEN = 32  # sequence length at which FLOPs per token are reported (intents are ~10-30 tokens)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    layers: int = 2
+    hidden: int = 384
+    heads: int = 12
+    ffn: int = 1536
+    init: str = "teacher"  # teacher: copy embeddings and `teacher_layers`; scratch: random init
+    teacher_layers: tuple[int, ...] | None = None  # null: evenly spaced, first and last included
+    trim_vocab: bool = True  # keep only word pieces the corpus uses (+ specials, single characters)
+    alpha: float = 0.7  # weight of the distillation term against the hard-label cross-entropy
+    temperature: float = 2.0  # softens both distributions so the teacher's ranking of wrong labels counts
+    hidden_weight: float = 0.0  # weight of pooled-embedding MSE against the teacher; 0 turns it off
+    optim: OptimParams = field(default_factory=lambda: OptimParams(epochs=6, lr=2e-4, batch_size=32))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):
+            object.__setattr__(self, "optim", from_dict(OptimParams, self.optim, "train.optim"))
+        if self.teacher_layers is not None:
+            object.__setattr__(self, "teacher_layers", tuple(self.teacher_layers))
+            if len(self.teacher_layers) != self.layers:
+                raise ValueError(
+                    f"train.teacher_layers names {len(self.teacher_layers)} layers but train.layers is {self.layers}"
+                )
+        for key in ("layers", "hidden", "heads", "ffn"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"train.hidden ({self.hidden}) must be divisible by train.heads ({self.heads})")
+        if self.init not in ("teacher", "scratch"):
+            raise ValueError(f"train.init must be teacher or scratch, got {self.init!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"train.alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"train.temperature must be > 0, got {self.temperature}")
+        if self.hidden_weight < 0:
+            raise ValueError(f"train.hidden_weight must be >= 0, got {self.hidden_weight}")
+
+
+def flops_per_token(config: Any, seq_len: int = FLOPS_SEQ_LEN) -> int:
+    """Multiply-adds x 2 per token of the encoder layers: Q, K, V, output and FFN matmuls plus attention
+    scores and mixing at `seq_len`. Embedding lookups and the head are left out (per sequence, tiny)."""
+    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return int(n * 2 * (4 * h * h + 2 * h * f + 2 * seq_len * h))
+
+
+def trim_vocabulary(tokenizer: Any, texts: list[str]) -> tuple[list[int], Any]:
+    """(kept token ids of the original vocabulary, in order; a tokenizer over exactly those tokens).
+
+    Kept: every piece the corpus uses, the special tokens, and every single-character piece (with and
+    without `##`), so WordPiece can always fall back to characters for unseen words. The new tokenizer is
+    the teacher's own (same normalizer, pre-tokenizer, post-processor) with the vocabulary swapped and the
+    special-token ids renumbered. For words of the corpus it gives the same pieces: greedy longest match
+    on a subset that contains all the original pieces picks the same ones."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = tokenizer.get_vocab()
+    inverse = {i: t for t, i in vocab.items()}
+    used = {i for ids in tokenizer(texts)["input_ids"] for i in ids}
+    used |= set(tokenizer.all_special_ids)
+    used |= {i for t, i in vocab.items() if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
+    kept = sorted(used)
+    new_id = {old: n for n, old in enumerate(kept)}
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "WordPiece":
+        raise StageError(f"train.trim_vocab needs a WordPiece tokenizer, the teacher has {spec['model']['type']}")
+    spec["model"]["vocab"] = {inverse[old]: n for n, old in enumerate(kept)}
+    for added in spec.get("added_tokens") or []:
+        added["id"] = new_id[added["id"]]
+    for special in ((spec.get("post_processor") or {}).get("special_tokens") or {}).values():
+        special["ids"] = [new_id[i] for i in special["ids"]]
+    if spec.get("padding"):
+        spec["padding"]["pad_id"] = new_id[spec["padding"]["pad_id"]]
+    backend = Tokenizer.from_str(json.dumps(spec))
+    trimmed = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=tokenizer.model_max_length,
+        **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    )
+    return kept, trimmed
+
+
+def build_student(teacher: TextClassifier, kept: list[int] | None, p: TrainParams) -> TextClassifier:
+    from transformers import BertConfig, BertModel
+
+    cfg = teacher.config.to_dict()
+    cfg.update(num_hidden_layers=p.layers, hidden_size=p.hidden, num_attention_heads=p.heads, intermediate_size=p.ffn)
+    if kept is not None:
+        cfg["vocab_size"] = len(kept)
+        cfg["pad_token_id"] = kept.index(teacher.config.pad_token_id or 0)
+    for key in ("transformers_version", "id2label", "label2id", "num_labels"):
+        cfg.pop(key, None)
+    student = TextClassifier(BertModel(BertConfig(**cfg), add_pooling_layer=False), teacher.head.out_features)
+    if p.init == "scratch":
+        return student
+    t = teacher.config
+    if (p.hidden, p.heads, p.ffn) != (t.hidden_size, t.num_attention_heads, t.intermediate_size):
+        raise StageError(
+            f"train.init: teacher needs hidden/heads/ffn equal to the teacher's ({t.hidden_size}/"
+            f"{t.num_attention_heads}/{t.intermediate_size}); use init: scratch for other sizes"
+        )
+    n = t.num_hidden_layers
+    layers = p.teacher_layers or tuple(round(i * (n - 1) / max(1, p.layers - 1)) for i in range(p.layers))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise StageError(f"train.teacher_layers: {bad} outside the teacher's 0..{n - 1}")
+    src, dst = teacher.encoder, student.encoder
+    with torch.no_grad():
+        emb = src.embeddings.word_embeddings.weight
+        dst.embeddings.word_embeddings.weight.copy_(emb[kept] if kept is not None else emb)
+        for name in ("position_embeddings", "token_type_embeddings", "LayerNorm"):
+            getattr(dst.embeddings, name).load_state_dict(getattr(src.embeddings, name).state_dict())
+        for i, j in enumerate(layers):
+            dst.encoder.layer[i].load_state_dict(src.encoder.layer[j].state_dict())
+        student.head.load_state_dict(teacher.head.state_dict())
+    return student
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)."""
+    t = temperature
+    soft = nn.functional.kl_div(
+        nn.functional.log_softmax(student_logits / t, dim=-1),
+        nn.functional.softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean",
+    )
+    hard = nn.functional.cross_entropy(student_logits, labels)
+    return alpha * t * t * soft + (1.0 - alpha) * hard
+
+
+class Distiller(nn.Module):
+    """The student plus, for hidden-state distillation, a projection to the teacher's width (not saved)."""
+
+    def __init__(self, student: TextClassifier, teacher_width: int):
+        super().__init__()
+        self.student = student
+        width = student.config.hidden_size
+        self.project = nn.Identity() if width == teacher_width else nn.Linear(width, teacher_width)
+
+    def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = self.student(**batch)
+        return logits, self.project(pooled)
+
+
+def distill_student(
+    student: TextClassifier,
+    tokenizer: Any,
+    train: pl.DataFrame,
+    soft: pl.DataFrame,
+    val: pl.DataFrame,
+    labels: dict[str, int],
+    p: TrainParams,
+) -> dict[str, Any]:
+    """Train the student in place on (train rows, teacher soft labels); returns the training summary."""
+    joined = train.join(soft, on="id", how="left")
+    missing = joined.filter(pl.col("logits").is_null())["id"].to_list()
+    if missing:
+        raise StageError(f"soft labels missing for {len(missing)} training row(s), e.g. {missing[:3]}; rerun distill")
+    texts = TokenizedTexts(tokenizer, joined["text"].to_list(), p.optim.max_length)
+    teacher_logits = torch.tensor(np.array(joined["logits"].to_list(), dtype=np.float32))
+    teacher_pooled = torch.tensor(np.array(joined["embedding"].to_list(), dtype=np.float32))
+    targets = torch.tensor([labels[x] for x in joined["label"]])
+    model = Distiller(student, teacher_pooled.shape[1])
+
+    def step_loss(m: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        logits, pooled = m(**texts.batch(rows))
+        loss = kd_loss(logits.float(), teacher_logits[rows], targets[rows], p.alpha, p.temperature)
+        if p.hidden_weight > 0:
+            loss = loss + p.hidden_weight * nn.functional.mse_loss(pooled.float(), teacher_pooled[rows])
+        return loss
+
+    def val_acc(m: nn.Module) -> float:
+        return evaluate(m.student, tokenizer, val, labels, p.optim.max_length)["accuracy"]
+
+    result = fit(model, joined.height, step_loss, val_acc, p.optim, name="train: student distillation")
+    model.load_state_dict(result.best_state)
+    return {
+        "best_epoch": result.best_epoch,
+        "val_accuracy": result.best_val_accuracy,
+        "seconds": round(result.seconds, 1),
+        "stopped_early": result.stopped_early,
+        "curves": result.curves,
+    }
+
+
+def curves_csv(curves: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr", "val_accuracy"], lineterminator="\n")
+    writer.writeheader()
+    for row in curves:
+        writer.writerow(
+            {
+                **row,
+                "lr": f"{row['lr']:.8g}",
+                "val_accuracy": "" if row["val_accuracy"] is None else row["val_accuracy"],
+            }
+        )
+    return buf.getvalue()
+
+
+@stage_entrypoint("train")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.train --in … --distill … --clean … --out data/05_train` (see dvc.yaml)."""
+    args = stage_args("train", __doc__, argv, upstream="augment", more=("distill", "clean"))
+    p = stage_params(TrainParams, "train", args.params)
+    torch.manual_seed(p.optim.seed)
+    train = read_frames(args.inp, ("train",), upstream="augment")["train"].sort("id")
+    soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
+    held = read_frames(args.clean, ("val", "test"), upstream="clean")
+    teacher, teacher_tok, labels = load(args.distill / "teacher")
+    kept, tokenizer = trim_vocabulary(teacher_tok, train["text"].to_list()) if p.trim_vocab else (None, teacher_tok)
+    student = build_student(teacher, kept, p)
+    summary = distill_student(student, tokenizer, train, soft, held["val"], labels, p)
+    metrics = {
+        "val": evaluate(student, tokenizer, held["val"], labels, p.optim.max_length),
+        "test": evaluate(student, tokenizer, held["test"], labels, p.optim.max_length),
+        "parameters": sum(t.numel() for t in student.parameters()),
+        "vocab_size": student.config.vocab_size,
+        "flops_per_token": flops_per_token(student.config),
+        "teacher_flops_per_token": flops_per_token(teacher.config),
+        "flops_seq_len": FLOPS_SEQ_LEN,
+        "training": {k: v for k, v in summary.items() if k != "curves"},
+    }
+    with outputs() as w:
+        save(student.eval(), tokenizer, labels, w.directory(args.out / "student"))
+        w.json(args.out / "metrics.json", metrics)
+        w.text(args.out / "curves.csv", curves_csv(summary["curves"]))
+    ratio = metrics["flops_per_token"] / metrics["teacher_flops_per_token"]
+    print(
+        f"train: student test accuracy {metrics['test']['accuracy']:.4f} (macro-F1 {metrics['test']['macro_f1']:.4f}), "
+        f"{metrics['parameters']:,} parameters, {ratio:.2f}x the teacher's FLOPs per token -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

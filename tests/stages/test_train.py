@@ -1,0 +1,214 @@
+"""distill and train on a tiny teacher built here (no download): learning, determinism, NaN stop, vocab."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from stages.common.encoder import TextClassifier, load, save
+from stages.common.errors import StageError
+from stages.common.training import OptimParams
+from stages.distill import finetune, soft_labels
+from stages.train import TrainParams, build_student, distill_student, flops_per_token, kd_loss, trim_vocabulary
+from tests.conftest import frame
+
+WORDS = [
+    "refund",
+    "money",
+    "back",
+    "cancel",
+    "plan",
+    "stop",
+    "where",
+    "parcel",
+    "track",
+    "my",
+    "the",
+    "please",
+    "now",
+    "today",
+    "order",
+    "want",
+    "i",
+    "is",
+    "subscription",
+    "delivery",
+]
+LABELS = {"cancel": 0, "refund": 1, "track": 2}
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = specials + WORDS + chars + ["##" + c for c in chars] + ["zebra", "##s"]
+    ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
+    backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def tiny_teacher(seed: int = 0) -> tuple[TextClassifier, object]:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = BertConfig(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return TextClassifier(BertModel(cfg, add_pooling_layer=False), len(LABELS)), tok
+
+
+def dataset(n_per_label: int = 12, seed: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    cues = {
+        "cancel": ["cancel", "stop", "plan", "subscription"],
+        "refund": ["refund", "money", "back"],
+        "track": ["where", "parcel", "track", "delivery"],
+    }
+    filler = ["my", "the", "please", "now", "today", "i", "want", "is", "order"]
+    rows = []
+    for lab, words in cues.items():
+        for i in range(n_per_label):
+            text = " ".join(rng.choice(words, 2).tolist() + rng.choice(filler, 3).tolist())
+            rows.append((f"{lab}-{i:03d}", text, lab))
+    return frame(rows)
+
+
+OPTIM = OptimParams(epochs=8, lr=3e-3, batch_size=8, patience=8, max_length=16, warmup_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def fitted_teacher():
+    teacher, tok = tiny_teacher()
+    train, val = dataset(12, 0), dataset(4, 1)
+    finetune(teacher, tok, train, val, LABELS, OPTIM)
+    return teacher, tok, train, val
+
+
+def test_teacher_learns_and_writes_soft_labels(fitted_teacher):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    assert soft.columns == ["id", "logits", "embedding"] and soft.height == train.height
+    pred = np.array(soft["logits"].to_list()).argmax(1)
+    assert (pred == np.array([LABELS[x] for x in train["label"]])).mean() > 0.8
+
+
+def test_student_learns_from_soft_labels(fitted_teacher):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = TrainParams(layers=1, hidden=32, heads=2, ffn=64, init="scratch", optim=OPTIM, hidden_weight=0.5)
+    kept, small_tok = trim_vocabulary(tok, train["text"].to_list())
+    student = build_student(teacher, kept, p)
+    summary = distill_student(student, small_tok, train, soft, val, LABELS, p)
+    losses = [c["loss"] for c in summary["curves"]]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert summary["val_accuracy"] > 1 / len(LABELS) + 0.2
+    assert flops_per_token(student.config) < flops_per_token(teacher.config)
+
+
+def test_same_seed_same_safetensors(tmp_path, fitted_teacher):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = TrainParams(
+        layers=1,
+        hidden=32,
+        heads=2,
+        ffn=64,
+        init="teacher",
+        teacher_layers=[1],
+        optim=OptimParams(epochs=2, lr=1e-3, batch_size=8, max_length=16),
+    )
+    digests = []
+    for run in ("a", "b"):
+        kept, small_tok = trim_vocabulary(tok, train["text"].to_list())
+        student = build_student(teacher, kept, p)
+        distill_student(student, small_tok, train, soft, val, LABELS, p)
+        save(student, small_tok, LABELS, tmp_path / run)
+        digests.append((tmp_path / run / "model.safetensors").read_bytes())
+    assert digests[0] == digests[1]
+    reloaded, _, labels = load(tmp_path / "a")
+    assert labels == LABELS and reloaded.config.vocab_size == len(kept)
+
+
+def test_nan_loss_stops_naming_the_step(fitted_teacher):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    poisoned = soft.with_columns(
+        pl.when(pl.col("id") == "refund-003")
+        .then(pl.lit([float("nan")] * 3))
+        .otherwise(pl.col("logits"))
+        .cast(pl.List(pl.Float32))
+        .alias("logits")
+    )
+    p = TrainParams(
+        layers=1, hidden=32, heads=2, ffn=64, init="scratch", optim=OptimParams(epochs=1, batch_size=4, max_length=16)
+    )
+    student = build_student(teacher, None, p)
+    with pytest.raises(StageError, match=r"loss is nan at step \d+ \(epoch 1, batch \d+\); stopped, no model written"):
+        distill_student(student, tok, train, poisoned, val, LABELS, p)
+
+
+def test_trimmed_vocabulary_still_tokenizes_unseen_words(fitted_teacher):
+    _, tok, train, _ = fitted_teacher
+    kept, small = trim_vocabulary(tok, train["text"].to_list())
+    assert len(kept) < len(tok.get_vocab())
+    assert "zebra" not in small.get_vocab()
+    pieces = small.tokenize("zebras")
+    assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == "zebras"
+    inv_small = {i: t for t, i in small.get_vocab().items()}
+    inv_full = {i: t for t, i in tok.get_vocab().items()}
+    for text in train["text"].to_list():  # same pieces as the full tokenizer on the corpus
+        assert [inv_small[i] for i in small(text)["input_ids"]] == [inv_full[i] for i in tok(text)["input_ids"]]
+
+
+def test_kd_loss_is_the_formula():
+    s, t, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0])
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.softmax(t / 2, -1), reduction="batchmean")
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert torch.isclose(kd_loss(s, t, y, 0.7, 2.0), 0.7 * 4 * kl + 0.3 * ce)
+
+
+def test_bad_params_are_named():
+    with pytest.raises(ValueError, match="train.teacher_layers names 1 layers but train.layers is 2"):
+        TrainParams(layers=2, teacher_layers=[0])
+    with pytest.raises(ValueError, match="train.hidden"):
+        TrainParams(hidden=100, heads=12)
+    teacher, _ = tiny_teacher()
+    with pytest.raises(StageError, match="train.init: teacher needs hidden/heads/ffn"):
+        build_student(teacher, None, TrainParams(layers=1, hidden=64, heads=2, ffn=64))
+
+
+def test_teacher_folder_round_trip(tmp_path):
+    teacher, tok = tiny_teacher()
+    save(teacher, tok, LABELS, tmp_path / "t")
+    model, tok2, labels = load(tmp_path / "t")
+    batch = tok(["refund my money"], return_tensors="pt")
+    with torch.no_grad():
+        a = teacher.eval()(batch["input_ids"], batch["attention_mask"])[0]
+        b = model(batch["input_ids"], batch["attention_mask"])[0]
+    assert torch.equal(a, b) and labels == LABELS
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["num_labels"] == 3
