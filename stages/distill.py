@@ -39,12 +39,18 @@ class DistillParams:
     teacher: str = DEFAULT_TEACHER  # packaged default, a local folder, or a hub id (with allow_download)
     teacher_checkpoint: str | None = None  # an already fine-tuned teacher folder: skips fine-tuning
     allow_download: bool = False  # never reach a hub unless turned on
+    # Rows the teacher fine-tunes on. `original`: the rows before augmentation (TinyBERT's recipe: the
+    # teacher learns from real data, then labels the augmented rows for the student; half the time).
+    # `all`: augmented rows too. Soft labels are written for every row either way.
+    train_rows: str = "original"
     # Fine-tuning: a plain fine-tune of MiniLM converges in a few epochs at this rate.
     optim: OptimParams = field(default_factory=lambda: OptimParams(epochs=5, lr=1e-4, batch_size=32))
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
             object.__setattr__(self, "optim", from_dict(OptimParams, self.optim, "distill.optim"))
+        if self.train_rows not in ("original", "all"):
+            raise ValueError(f"distill.train_rows must be original or all, got {self.train_rows!r}")
 
 
 def evaluate(
@@ -118,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         training = {"skipped": f"teacher_checkpoint {p.teacher_checkpoint}"}
     else:
         model, tokenizer = load_pretrained(resolve_teacher(p.teacher, p.allow_download), len(labels), p.allow_download)
-        training = finetune(model, tokenizer, train, held["val"], labels, p.optim)
+        rows = (
+            train.filter(pl.col("op") == "original") if p.train_rows == "original" and "op" in train.columns else train
+        )
+        training = finetune(model, tokenizer, rows, held["val"], labels, p.optim)
+        training["rows"] = rows.height
     metrics = {
         "teacher": p.teacher_checkpoint or p.teacher,
         "val": evaluate(model, tokenizer, held["val"], labels, p.optim.max_length),
