@@ -89,7 +89,8 @@ def main() -> int:
     ratio = student["flops_per_token"] / student["teacher_flops_per_token"]
     print(f"whole run through train: {total / 60:.1f} min ({', '.join(f'{s} {t:.0f}s' for s, t in times.items())})")
     print(
-        "targets: teacher >= 0.928: {}; student >= 0.920 at <= 1/3 teacher FLOPs ({:.2f}x): {}; run <= 25 min: {}".format(
+        "targets: teacher >= 0.928: {}; student >= 0.920 at <= 1/3 teacher FLOPs ({:.2f}x): {}; "
+        "run <= 25 min: {}".format(
             "met" if teacher["test"]["accuracy"] >= 0.928 else "MISSED",
             ratio,
             "met" if student["test"]["accuracy"] >= 0.92 and ratio <= 1 / 3 + 1e-9 else "MISSED",
