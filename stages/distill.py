@@ -83,12 +83,7 @@ def finetune(
 
     result = fit(model, train.height, step_loss, val_acc, p, name="distill: teacher fine-tune")
     model.load_state_dict(result.best_state)
-    return {
-        "best_epoch": result.best_epoch,
-        "val_accuracy": result.best_val_accuracy,
-        "seconds": round(result.seconds, 1),
-        "stopped_early": result.stopped_early,
-    }
+    return result.summary()
 
 
 def soft_labels(model: TextClassifier, tokenizer: Any, train: pl.DataFrame, max_length: int) -> pl.DataFrame:

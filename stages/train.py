@@ -209,13 +209,7 @@ def distill_student(
 
     result = fit(model, joined.height, step_loss, val_acc, p.optim, name="train: student distillation")
     model.load_state_dict(result.best_state)
-    return {
-        "best_epoch": result.best_epoch,
-        "val_accuracy": result.best_val_accuracy,
-        "seconds": round(result.seconds, 1),
-        "stopped_early": result.stopped_early,
-        "curves": result.curves,
-    }
+    return {**result.summary(), "curves": result.curves}
 
 
 def curves_csv(curves: list[dict[str, Any]]) -> str:

@@ -59,6 +59,15 @@ class FitResult:
     seconds: float
     stopped_early: bool
 
+    def summary(self) -> dict[str, Any]:
+        """What a stage's metrics.json records about the training run (curves go to their own file)."""
+        return {
+            "best_epoch": self.best_epoch,
+            "val_accuracy": self.best_val_accuracy,
+            "seconds": round(self.seconds, 1),
+            "stopped_early": self.stopped_early,
+        }
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weight matrices only: decaying norms and biases hurts and regularizes nothing."""
