@@ -16,6 +16,13 @@ class StageGraph:
     upstream: dict[str, tuple[str, ...]]  # stage -> stages whose outputs it reads
     metrics: dict[str, tuple[str, ...]]  # stage -> its metrics files, relative to the repo root
 
+    def scope(self, target: str | None) -> list[str]:
+        """The stages a run up to `target` covers (all of them without a target), in order."""
+        if target is None:
+            return list(self.order)
+        keep = self.ancestors(target) | {target}
+        return [s for s in self.order if s in keep]
+
     def ancestors(self, name: str) -> set[str]:
         """The stages `name` needs, directly or not (excluding itself)."""
         seen: set[str] = set()
@@ -79,11 +86,8 @@ def plan(graph: StageGraph, changed: set[str], force: bool = False, target: str 
     `force`), restricted to `target` and its ancestors when a target is given."""
     if target is not None and target not in graph.upstream:
         raise GraphError(f"unknown stage {target!r}; stages in dvc.yaml: {', '.join(graph.order)}")
-    scope = set(graph.order) if target is None else graph.ancestors(target) | {target}
     run: list[str] = []
-    for name in graph.order:
-        if name not in scope:
-            continue
+    for name in graph.scope(target):
         if force or name in changed or any(u in run for u in graph.upstream[name]):
             run.append(name)
     return run

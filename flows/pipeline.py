@@ -104,7 +104,7 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
     graph, changed = inspect_pipeline(base, with_status=not force)
     to_run = plan(graph, changed, force=force, target=stage)
     settings = flow_settings(base)
-    scope = graph.order if stage is None else [s for s in graph.order if s in graph.ancestors(stage) | {stage}]
+    scope = graph.scope(stage)
     logger.info("stages: %s; to run: %s", ", ".join(scope), ", ".join(to_run) or "none")
     rows: dict[str, dict[str, Any]] = {}
     futures: dict[str, Any] = {}

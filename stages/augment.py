@@ -109,6 +109,12 @@ class AugmentParams:
 # --- the edits ---------------------------------------------------------------------------------------
 
 
+def split_core(token: str) -> tuple[str, str, str] | None:
+    """(leading punctuation, word, trailing punctuation) of a token, or None when it holds no word."""
+    m = CORE.match(token)
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
 class Editor:
     """Word-level edits that leave protected words, stop words and numbers alone."""
 
@@ -117,24 +123,20 @@ class Editor:
         self.p = p
         self.protected = {w.lower() for w in p.protected}
 
-    def _core(self, token: str) -> tuple[str, str, str] | None:
-        m = CORE.match(token)
-        return (m.group(1), m.group(2), m.group(3)) if m else None
-
     def is_protected(self, token: str) -> bool:
-        core = self._core(token)
+        core = split_core(token)
         return token.lower() in self.protected or (core is not None and core[1].lower() in self.protected)
 
     def replaceable(self, token: str) -> bool:
         """A content word with synonyms: not a stop word, not a number, not protected."""
-        core = self._core(token)
+        core = split_core(token)
         if core is None or self.is_protected(token):
             return False
         word = core[1]
         return word.isalpha() and word.lower() not in STOP_WORDS and word.lower() in self.synonyms
 
     def _synonym_for(self, token: str, rng: np.random.Generator) -> str:
-        pre, word, post = self._core(token)
+        pre, word, post = split_core(token)
         choice = self.synonyms[word.lower()][rng.integers(len(self.synonyms[word.lower()]))]
         if word[0].isupper():
             choice = choice[0].upper() + choice[1:]
@@ -178,7 +180,7 @@ class Editor:
         out = list(tokens)
         for _ in range(max(1, round(self.p.insert_rate * len(tokens)))):
             src = tokens[int(rng.choice(idx))]
-            word = self._core(self._synonym_for(src, rng))[1].lower()
+            word = split_core(self._synonym_for(src, rng))[1].lower()
             out.insert(int(rng.integers(len(out) + 1)), word)
         return out
 
@@ -227,8 +229,7 @@ def augment(
     dropped: Counter[str] = Counter()
     for label in sorted(counts):
         need = goal[label] - counts[label]
-        originals = train.filter(pl.col("label") == label).sort("id").iter_rows(named=True)
-        originals = list(originals)
+        originals = list(train.filter(pl.col("label") == label).sort("id").iter_rows(named=True))
         for slot in range(1, p.per_row + 1):
             if need <= 0:
                 break
@@ -237,6 +238,7 @@ def augment(
                 if need <= 0:
                     break
                 row = originals[k]
+                own_key = dedup_text_key(row["text"])
                 for attempt in range(ATTEMPTS):
                     rng = _row_seed(p.seed, row["id"], slot, attempt)
                     op = ops[int(rng.choice(len(ops), p=weights))]
@@ -246,7 +248,7 @@ def augment(
                         edited = getattr(editor, op)(row["text"].split(" "), rng)
                         text = " ".join(edited) if edited else None
                     key = dedup_text_key(text) if text else None
-                    if not key or key == dedup_text_key(row["text"]):
+                    if not key or key == own_key:
                         dropped["no_change"] += 1
                     elif key in held_out:
                         dropped["equals_val_or_test"] += 1
@@ -329,7 +331,7 @@ def content_words(texts: list[str], editor: Editor) -> set[str]:
     words = set()
     for text in texts:
         for token in text.split(" "):
-            core = editor._core(token)
+            core = split_core(token)
             if core and core[1].isalpha() and not editor.is_protected(token):
                 words.add(core[1].lower())
     return words - STOP_WORDS

@@ -152,7 +152,8 @@ def ingest(source: Loaded, test: Loaded | None, p: IngestParams) -> tuple[pl.Dat
         how = "by_group" if p.group_column else "stratified"
         if test_frame.height == 0:
             raise StageError(f"{source.uri}: too few rows to split off a test set (ingest.test_size={p.test_size})")
-    unseen = sorted(set(label_counts(test_frame)) - set(label_counts(train)))
+    counts = {"train": label_counts(train), "test": label_counts(test_frame)}
+    unseen = sorted(set(counts["test"]) - set(counts["train"]))
     if unseen:
         where = test.uri if test is not None else f"{source.uri} (test split)"
         raise StageError(f"{where}: label(s) in test but not in train: {', '.join(unseen)}")
@@ -171,7 +172,7 @@ def ingest(source: Loaded, test: Loaded | None, p: IngestParams) -> tuple[pl.Dat
         ],
         "split": how,
         "rows": {"train": train.height, "test": test_frame.height},
-        "labels": {"train": label_counts(train), "test": label_counts(test_frame)},
+        "labels": counts,
     }
     return train.sort("id"), test_frame.sort("id"), report
 

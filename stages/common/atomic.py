@@ -57,7 +57,7 @@ class Outputs:
         self.text(target, dumps_json(obj))
 
     def parquet(self, target: str | Path, frame: pl.DataFrame) -> None:
-        # No statistics-free surprises: fixed compression so the same frame gives the same bytes.
+        # Fixed codec and level, so the same frame always gives the same bytes.
         self.file(target, lambda p: frame.write_parquet(p, compression="zstd", compression_level=3))
 
     def commit(self) -> None:

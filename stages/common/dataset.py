@@ -7,7 +7,6 @@ import polars as pl
 
 # Fixed schema of data/01_ingest and data/02_clean: later stages rely on these names and types.
 SCHEMA: dict[str, pl.DataType] = {"id": pl.String(), "text": pl.String(), "label": pl.String(), "group": pl.String()}
-COLUMNS = list(SCHEMA)
 
 
 def conform(frame: pl.DataFrame) -> pl.DataFrame:
