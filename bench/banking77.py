@@ -1,11 +1,13 @@
-"""Banking77 through the pipeline: teacher and student side by side.
+"""Banking77 through the pipeline: teacher, student, pruned and INT8 student side by side.
 
-    python bench/banking77.py [--keep DIR] [--distill-epochs 5] [--train-epochs 6]
+    python bench/banking77.py [--keep DIR] [--reuse DIR] [--distill-epochs 5] [--train-epochs 6]
 
-Runs `dvc repro` stage by stage on a scratch copy of the project with `ingest.source` pointed at
-../shared/datasets/banking77 (label column `category`), times each stage, and prints one table: test
-accuracy, macro-F1, parameters, FLOPs per token and training time for teacher and student, and the whole
-run's time through `train`. Later stages add rows to this table.
+Runs `dvc repro --single-item` stage by stage on a scratch copy of the project with `ingest.source`
+pointed at ../shared/datasets/banking77 (label column `category`), times each stage, and prints one table:
+test accuracy, macro-F1, parameters, FLOPs per token, file size and model-only p50 latency at batch 1 in
+ONNX Runtime on 2 threads, with the targets of the distill/train and prune/quantize issues. `--reuse DIR`
+takes a folder a previous `--keep` left and runs only the stages whose outputs are missing there (its code
+is refreshed from this checkout first; its data and params are kept).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +30,16 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import copy_project  # noqa: E402  (one way to copy the project, shared with the tests)
 
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
-STAGES_THROUGH_TRAIN = ("ingest", "clean", "augment", "distill", "train")
+STAGES = ("ingest", "clean", "augment", "distill", "train", "prune", "quantize")
+DONE_WHEN = {  # a stage counts as done in a reused folder when this output exists
+    "ingest": "data/01_ingest/train.parquet",
+    "clean": "data/02_clean/train.parquet",
+    "augment": "data/03_augment/train.parquet",
+    "distill": "data/04_distill/metrics.json",
+    "train": "data/05_train/metrics.json",
+    "prune": "data/06_prune/metrics.json",
+    "quantize": "data/07_quantize/metrics.json",
+}
 
 
 def configure(root: Path, distill_epochs: int, train_epochs: int) -> None:
@@ -55,49 +68,170 @@ def run_stage(root: Path, stage: str) -> float:
     return elapsed
 
 
+def onnx_row(path: Path, tokenizer, test, labels, reference: np.ndarray | None = None) -> dict:
+    """Test accuracy, size and model-only batch-1 p50 of an ONNX model; agreement with `reference`."""
+    from stages.common.encoder import TokenizedTexts
+    from stages.common.metrics import accuracy, macro_f1
+    from stages.common.onnx_runtime import latency_ms, ort_logits, session, size_mb
+
+    texts = TokenizedTexts(tokenizer, test["text"].to_list(), 64)
+    sess = session(path, threads=2)
+    logits = ort_logits(sess, texts)
+    truth = [labels[x] for x in test["label"]]
+    pred = logits.argmax(1)
+    row = {
+        "test": {"accuracy": accuracy(truth, pred.tolist()), "macro_f1": macro_f1(truth, pred.tolist(), len(labels))},
+        "size_mb": size_mb(path),
+        "p50_ms": latency_ms(sess, texts, runs=1000, warmup=50)["p50"],
+        "pred": pred,
+    }
+    if reference is not None:
+        row["agreement"] = float((pred == reference).mean())
+    return row
+
+
+def measure(root: Path) -> dict:
+    """ONNX rows for the student (exported here), the pruned student and the INT8 student."""
+    import polars as pl
+
+    from stages.common.encoder import load
+    from stages.common.onnx_runtime import export_onnx
+
+    test = pl.read_parquet(root / "data/02_clean/test.parquet")
+    student, tok, labels = load(root / "data/05_train/student")
+    export_onnx(student, tok, root / "student.onnx", 18)
+    pruned_tok = load(root / "data/06_prune/student")[1]
+    rows = {"student": onnx_row(root / "student.onnx", tok, test, labels)}
+    rows["pruned"] = onnx_row(root / "data/07_quantize/model.onnx", pruned_tok, test, labels)
+    rows["int8"] = onnx_row(root / "data/07_quantize/model.int8.onnx", pruned_tok, test, labels, rows["pruned"]["pred"])
+    return rows
+
+
+def refresh_code(root: Path) -> None:
+    for name in ("stages", "flows", "bench", "tests"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    fresh = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, value in fresh.items():  # new sections from this checkout; the run's own kept
+        params.setdefault(section, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--reuse", type=Path, help="a folder an earlier --keep left: run only the missing stages")
     ap.add_argument("--distill-epochs", type=int, default=5)
     ap.add_argument("--train-epochs", type=int, default=6)
     args = ap.parse_args()
     if not (DATA / "train.csv").is_file():
         raise SystemExit(f"bench: {DATA} not found (../shared/datasets/banking77 beside the checkout)")
     with tempfile.TemporaryDirectory(prefix="distillery-b77-") as tmp:
-        root = copy_project(args.keep or Path(tmp) / "project")
-        configure(root, args.distill_epochs, args.train_epochs)
-        times = {stage: run_stage(root, stage) for stage in STAGES_THROUGH_TRAIN}
-        teacher = json.loads((root / "data/04_distill/metrics.json").read_text())
-        student = json.loads((root / "data/05_train/metrics.json").read_text())
-    total = sum(times.values())
+        if args.reuse:
+            root = args.reuse
+            refresh_code(root)
+            previous = (
+                json.loads((root / "bench_times.json").read_text()) if (root / "bench_times.json").exists() else {}
+            )
+        else:
+            root = copy_project(args.keep or Path(tmp) / "project")
+            configure(root, args.distill_epochs, args.train_epochs)
+            previous = {}
+        times = dict(previous)
+        for stage in STAGES:
+            if stage in times and (root / DONE_WHEN[stage]).exists():
+                continue
+            times[stage] = run_stage(root, stage)
+            (root / "bench_times.json").write_text(json.dumps(times))
+        m = {s: json.loads((root / DONE_WHEN[s]).read_text()) for s in ("distill", "train", "prune", "quantize")}
+        onnx = measure(root)
+    report(m, onnx, times)
+    return 0
+
+
+def report(m: dict, onnx: dict, times: dict) -> None:
+    teacher, student, pruned, quant = m["distill"], m["train"], m["prune"], m["quantize"]
+    t_flops = student["teacher_flops_per_token"]
+    p_after = pruned["after"]
     rows = [
         (
             "teacher (all-MiniLM-L6-v2, fine-tuned)",
             teacher["test"],
             teacher["parameters"],
-            student["teacher_flops_per_token"],
-            times["distill"],
+            t_flops,
+            None,
+            None,
+            "distill",
         ),
-        ("student (distilled)", student["test"], student["parameters"], student["flops_per_token"], times["train"]),
+        (
+            "student (distilled), ONNX fp32",
+            onnx["student"]["test"],
+            student["parameters"],
+            student["flops_per_token"],
+            onnx["student"]["size_mb"],
+            onnx["student"]["p50_ms"],
+            "train",
+        ),
+        (
+            "student pruned, ONNX fp32",
+            onnx["pruned"]["test"],
+            p_after["parameters"],
+            p_after["flops_per_token"],
+            onnx["pruned"]["size_mb"],
+            onnx["pruned"]["p50_ms"],
+            "prune",
+        ),
+        (
+            f"student pruned INT8 ({quant['chosen']})",
+            onnx["int8"]["test"],
+            p_after["parameters"],
+            p_after["flops_per_token"],
+            onnx["int8"]["size_mb"],
+            onnx["int8"]["p50_ms"],
+            "quantize",
+        ),
     ]
-    print(f"{'model':<40} {'test acc':>8} {'macro-F1':>8} {'params':>11} {'GFLOP/token':>11} {'stage s':>8}")
-    for name, test, params, flops, secs in rows:
-        print(
-            f"{name:<40} {test['accuracy']:>8.4f} {test['macro_f1']:>8.4f} {params:>11,} {flops / 1e9:>11.4f} "
-            f"{secs:>8.0f}"
-        )
-    ratio = student["flops_per_token"] / student["teacher_flops_per_token"]
-    print(f"whole run through train: {total / 60:.1f} min ({', '.join(f'{s} {t:.0f}s' for s, t in times.items())})")
     print(
-        "targets: teacher >= 0.928: {}; student >= 0.920 at <= 1/3 teacher FLOPs ({:.2f}x): {}; "
-        "run <= 25 min: {}".format(
-            "met" if teacher["test"]["accuracy"] >= 0.928 else "MISSED",
-            ratio,
-            "met" if student["test"]["accuracy"] >= 0.92 and ratio <= 1 / 3 + 1e-9 else "MISSED",
-            "met" if total <= 25 * 60 else "MISSED",
-        )
+        f"{'model':<40} {'test acc':>8} {'macro-F1':>8} {'params':>11} {'MFLOP/tok':>9} {'MB':>7} "
+        f"{'p50 ms':>7} {'stage s':>8}"
     )
-    return 0
+    for name, test, params, flops, size, p50, stage in rows:
+        size_s = f"{size:>7.2f}" if size is not None else f"{'-':>7}"
+        p50_s = f"{p50:>7.3f}" if p50 is not None else f"{'-':>7}"
+        print(
+            f"{name:<40} {test['accuracy']:>8.4f} {test['macro_f1']:>8.4f} {params:>11,} {flops / 1e6:>9.2f} "
+            f"{size_s} {p50_s} {times.get(stage, 0):>8.0f}"
+        )
+    through_train = sum(times[s] for s in STAGES[:5])
+    print(
+        f"whole run through train: {through_train / 60:.1f} min; stages: "
+        + ", ".join(f"{s} {t:.0f}s" for s, t in times.items())
+    )
+    ratio = student["flops_per_token"] / t_flops
+    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    print(
+        f"train targets: teacher >= 0.928: {met(teacher['test']['accuracy'] >= 0.928)}; student >= 0.920 at <= 1/3 "
+        f"teacher FLOPs ({ratio:.2f}x): {met(student['test']['accuracy'] >= 0.92 and ratio <= 1 / 3 + 1e-9)}; "
+        f"run <= 25 min: {met(through_train <= 25 * 60)}"
+    )
+    cut = 1 - p_after["flops_per_token"] / student["flops_per_token"]
+    drop = 100 * (onnx["student"]["test"]["accuracy"] - onnx["pruned"]["test"]["accuracy"])
+    speed = onnx["student"]["p50_ms"] / onnx["pruned"]["p50_ms"]
+    print(
+        f"prune targets: FLOPs -{cut:.1%} (>= 30%): {met(cut >= 0.3)}; test drop {drop:.2f} points (<= 0.5): "
+        f"{met(drop <= 0.5)}; {speed:.2f}x faster at batch 1 (>= 1.2x): {met(speed >= 1.2)}"
+    )
+    agree = onnx["int8"]["agreement"]
+    qdrop = 100 * (onnx["pruned"]["test"]["accuracy"] - onnx["int8"]["test"]["accuracy"])
+    size = onnx["int8"]["size_mb"] / onnx["pruned"]["size_mb"]
+    qspeed = onnx["pruned"]["p50_ms"] / onnx["int8"]["p50_ms"]
+    print(
+        f"INT8 targets: agrees with fp32 on {agree:.2%} of test (>= 99.5%): {met(agree >= 0.995)}; drop {qdrop:.2f} "
+        f"points (<= 0.5): {met(qdrop <= 0.5)}; size {size:.0%} of fp32 (<= 30%): {met(size <= 0.3)}; "
+        f"{qspeed:.2f}x faster (>= 2x): {met(qspeed >= 2.0)}"
+    )
 
 
 if __name__ == "__main__":

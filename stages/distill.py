@@ -31,7 +31,7 @@ from stages.common.encoder import (
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.metrics import accuracy, macro_f1
 from stages.common.params import from_dict
-from stages.common.training import OptimParams, fit
+from stages.common.training import OptimParams, engine_params, fit, is_main_process, resolve_engine
 
 
 @dataclass(frozen=True)
@@ -69,20 +69,32 @@ def finetune(
     val: pl.DataFrame,
     labels: dict[str, int],
     p: OptimParams,
+    engine: str = "torch",
+    zero_stage: int = 0,
 ) -> dict[str, Any]:
     """Cross-entropy fine-tuning with early stopping; leaves the best epoch's weights in `model`."""
     texts = TokenizedTexts(tokenizer, train["text"].to_list(), p.max_length)
     targets = torch.tensor([labels[x] for x in train["label"]])
 
-    def step_loss(m: torch.nn.Module, rows: np.ndarray) -> torch.Tensor:
-        logits, _ = m(**texts.batch(rows))
-        return torch.nn.functional.cross_entropy(logits.float(), targets[rows])
+    def step_loss(forward: Any, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        logits, _ = forward(**texts.batch(rows, device))
+        return torch.nn.functional.cross_entropy(logits.float(), targets[rows].to(device))
 
     def val_acc(m: torch.nn.Module) -> float:
         return evaluate(m, tokenizer, val, labels, p.max_length)["accuracy"]
 
-    result = fit(model, train.height, step_loss, val_acc, p, name="distill: teacher fine-tune")
-    model.load_state_dict(result.best_state)
+    result = fit(
+        model,
+        train.height,
+        step_loss,
+        val_acc,
+        p,
+        name="distill: teacher fine-tune",
+        lengths=texts.lengths,
+        engine=engine,
+        zero_stage=zero_stage,
+    )
+    model.float().load_state_dict(result.best_state)
     return result.summary()
 
 
@@ -122,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = (
             train.filter(pl.col("op") == "original") if p.train_rows == "original" and "op" in train.columns else train
         )
-        training = finetune(model, tokenizer, rows, held["val"], labels, p.optim)
+        engine, zero_stage = engine_params(args.params)
+        engine, why = resolve_engine(engine)
+        training = finetune(model, tokenizer, rows, held["val"], labels, p.optim, engine, zero_stage)
         training["rows"] = rows.height
+        training["engine"]["chosen_by"] = why
+        if not is_main_process():
+            return 0  # other DeepSpeed ranks trained their share; rank 0 writes
     metrics = {
         "teacher": p.teacher_checkpoint or p.teacher,
         "val": evaluate(model, tokenizer, held["val"], labels, p.optim.max_length),

@@ -22,10 +22,10 @@ from torch import nn
 
 from stages.common.atomic import outputs
 from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.encoder import TextClassifier, TokenizedTexts, load, save
+from stages.common.encoder import TextClassifier, TokenizedTexts, flops_per_token, load, save
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.params import from_dict
-from stages.common.training import OptimParams, fit
+from stages.common.training import ENGINES, OptimParams, fit, is_main_process, resolve_engine
 from stages.distill import evaluate
 
 FLOPS_SEQ_LEN = 32  # sequence length at which FLOPs per token are reported (intents are ~10-30 tokens)
@@ -43,6 +43,8 @@ class TrainParams:
     alpha: float = 0.7  # weight of the distillation term against the hard-label cross-entropy
     temperature: float = 2.0  # softens both distributions so the teacher's ranking of wrong labels counts
     hidden_weight: float = 0.0  # weight of pooled-embedding MSE against the teacher; 0 turns it off
+    engine: str = "auto"  # torch, deepspeed, or auto (deepspeed with CUDA or under its launcher); distill too
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine deepspeed only)
     optim: OptimParams = field(default_factory=lambda: OptimParams(epochs=6, lr=2e-4, batch_size=32))
 
     def __post_init__(self) -> None:
@@ -65,15 +67,12 @@ class TrainParams:
             raise ValueError(f"train.alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             raise ValueError(f"train.temperature must be > 0, got {self.temperature}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"train.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.hidden_weight < 0:
             raise ValueError(f"train.hidden_weight must be >= 0, got {self.hidden_weight}")
-
-
-def flops_per_token(config: Any, seq_len: int = FLOPS_SEQ_LEN) -> int:
-    """Multiply-adds x 2 per token of the encoder layers: Q, K, V, output and FFN matmuls plus attention
-    scores and mixing at `seq_len`. Embedding lookups and the head are left out (per sequence, tiny)."""
-    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    return int(n * 2 * (4 * h * h + 2 * h * f + 2 * seq_len * h))
 
 
 def trim_vocabulary(tokenizer: Any, texts: list[str]) -> tuple[list[int], Any]:
@@ -185,8 +184,12 @@ def distill_student(
     val: pl.DataFrame,
     labels: dict[str, int],
     p: TrainParams,
+    engine: str = "torch",
+    on_step: Any = None,
+    name: str = "train: student distillation",
 ) -> dict[str, Any]:
-    """Train the student in place on (train rows, teacher soft labels); returns the training summary."""
+    """Train the student in place on (train rows, teacher soft labels); returns the training summary.
+    `on_step(distiller, step, total)` runs after each optimizer step (see `fit`)."""
     joined = train.join(soft, on="id", how="left")
     missing = joined.filter(pl.col("logits").is_null())["id"].to_list()
     if missing:
@@ -197,18 +200,30 @@ def distill_student(
     targets = torch.tensor([labels[x] for x in joined["label"]])
     model = Distiller(student, teacher_pooled.shape[1])
 
-    def step_loss(m: nn.Module, rows: np.ndarray) -> torch.Tensor:
-        logits, pooled = m(**texts.batch(rows))
-        loss = kd_loss(logits.float(), teacher_logits[rows], targets[rows], p.alpha, p.temperature)
+    def step_loss(forward: Any, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        logits, pooled = forward(**texts.batch(rows, device))
+        soft, hard = teacher_logits[rows].to(device), targets[rows].to(device)
+        loss = kd_loss(logits.float(), soft, hard, p.alpha, p.temperature)
         if p.hidden_weight > 0:
-            loss = loss + p.hidden_weight * nn.functional.mse_loss(pooled.float(), teacher_pooled[rows])
+            loss = loss + p.hidden_weight * nn.functional.mse_loss(pooled.float(), teacher_pooled[rows].to(device))
         return loss
 
     def val_acc(m: nn.Module) -> float:
         return evaluate(m.student, tokenizer, val, labels, p.optim.max_length)["accuracy"]
 
-    result = fit(model, joined.height, step_loss, val_acc, p.optim, name="train: student distillation")
-    model.load_state_dict(result.best_state)
+    result = fit(
+        model,
+        joined.height,
+        step_loss,
+        val_acc,
+        p.optim,
+        name=name,
+        lengths=texts.lengths,
+        engine=engine,
+        zero_stage=p.zero_stage,
+        on_step=on_step,
+    )
+    model.float().load_state_dict(result.best_state)
     return {**result.summary(), "curves": result.curves}
 
 
@@ -239,14 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_tok, labels = load(args.distill / "teacher")
     kept, tokenizer = trim_vocabulary(teacher_tok, train["text"].to_list()) if p.trim_vocab else (None, teacher_tok)
     student = build_student(teacher, kept, p)
-    summary = distill_student(student, tokenizer, train, soft, held["val"], labels, p)
+    engine, why = resolve_engine(p.engine)
+    summary = distill_student(student, tokenizer, train, soft, held["val"], labels, p, engine)
+    summary["engine"]["chosen_by"] = why
+    if not is_main_process():
+        return 0  # other DeepSpeed ranks trained their share; rank 0 writes
     metrics = {
         "val": evaluate(student, tokenizer, held["val"], labels, p.optim.max_length),
         "test": evaluate(student, tokenizer, held["test"], labels, p.optim.max_length),
         "parameters": sum(t.numel() for t in student.parameters()),
         "vocab_size": student.config.vocab_size,
-        "flops_per_token": flops_per_token(student.config),
-        "teacher_flops_per_token": flops_per_token(teacher.config),
+        "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
+        "teacher_flops_per_token": flops_per_token(teacher, FLOPS_SEQ_LEN),
         "flops_seq_len": FLOPS_SEQ_LEN,
         "training": {k: v for k, v in summary.items() if k != "curves"},
     }

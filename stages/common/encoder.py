@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,6 +77,11 @@ def save(model: TextClassifier, tokenizer: Any, labels: dict[str, int], folder: 
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["num_labels"] = model.head.out_features
+    shapes = layer_shapes(model)
+    uniform = {"heads": model.config.num_attention_heads, "ffn": model.config.intermediate_size}
+    config.pop("layer_shapes", None)
+    if any(shape != uniform for shape in shapes):
+        config["layer_shapes"] = shapes  # per-layer heads and FFN width after structured pruning
     config.pop("transformers_version", None)  # keeps the bytes the same across library versions
     for key in ("id2label", "label2id"):  # labels.json is the one label map
         config.pop(key, None)
@@ -97,13 +103,67 @@ def load(folder: str | Path) -> tuple[TextClassifier, Any, dict[str, int]]:
             raise StageError(f"{folder / name}: not found (not a distillery model folder)")
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     num_labels = raw.pop("num_labels")
+    shapes = raw.pop("layer_shapes", None)
     state = load_file(str(folder / "model.safetensors"))
     pooler = any(k.startswith("encoder.pooler.") for k in state)
     model = TextClassifier(BertModel(BertConfig(**raw), add_pooling_layer=pooler), num_labels)
+    if shapes is not None:  # a structurally pruned model: shrink each layer to its saved size first
+        for layer, shape in zip(model.encoder.encoder.layer, shapes, strict=True):
+            shrink_layer(layer, list(range(shape["heads"])), list(range(shape["ffn"])))
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
     return model.eval(), tokenizer, labels
+
+
+def layer_shapes(model: TextClassifier) -> list[dict[str, int]]:
+    """Attention heads and FFN width of each encoder layer (they differ after structured pruning)."""
+    return [
+        {"heads": layer.attention.self.num_attention_heads, "ffn": layer.intermediate.dense.out_features}
+        for layer in model.encoder.encoder.layer
+    ]
+
+
+def _keep(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping only `index` along `dim` of its weight (0: outputs, 1: inputs)."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach().index_select(0, index).clone()
+    new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    return new
+
+
+def shrink_layer(layer: nn.Module, heads: list[int], neurons: list[int]) -> None:
+    """Physically remove attention heads and FFN neurons from a BERT layer: keeps the listed heads (rows of
+    Q, K, V and columns of the attention output) and FFN neurons (rows of the up- and columns of the
+    down-projection), so the matrices shrink and the layer really computes less."""
+    attn = layer.attention.self
+    size = attn.attention_head_size
+    rows = torch.tensor([h * size + i for h in sorted(heads) for i in range(size)], dtype=torch.long)
+    for name in ("query", "key", "value"):
+        setattr(attn, name, _keep(getattr(attn, name), rows, 0))
+    layer.attention.output.dense = _keep(layer.attention.output.dense, rows, 1)
+    attn.num_attention_heads = len(heads)
+    attn.all_head_size = len(heads) * size
+    keep = torch.tensor(sorted(neurons), dtype=torch.long)
+    layer.intermediate.dense = _keep(layer.intermediate.dense, keep, 0)
+    layer.output.dense = _keep(layer.output.dense, keep, 1)
+
+
+def flops_per_token(model: TextClassifier, seq_len: int) -> int:
+    """Multiply-adds x 2 per token of the encoder layers, read from the actual matrix shapes: Q, K, V,
+    attention output and FFN matmuls, plus attention scores and mixing at `seq_len`. Embedding lookups
+    and the head are left out (per sequence, tiny)."""
+    total = 0
+    for layer in model.encoder.encoder.layer:
+        attn = layer.attention.self
+        width = attn.all_head_size
+        hidden = attn.query.in_features
+        ffn = layer.intermediate.dense.out_features
+        total += 2 * (4 * hidden * width + 2 * hidden * ffn + 2 * seq_len * width)
+    return int(total)
 
 
 class TokenizedTexts:
@@ -112,11 +172,12 @@ class TokenizedTexts:
     def __init__(self, tokenizer: Any, texts: list[str], max_length: int):
         self.ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.pad_id = tokenizer.pad_token_id or 0
+        self.lengths = np.array([len(s) for s in self.ids], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, rows: Any) -> dict[str, torch.Tensor]:
+    def batch(self, rows: Any, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         seqs = [self.ids[int(i)] for i in rows]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -124,23 +185,29 @@ class TokenizedTexts:
         for i, seq in enumerate(seqs):
             input_ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
+        if device is not None and device.type != "cpu":
+            input_ids, mask = input_ids.to(device), mask.to(device)
         return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 @torch.no_grad()
 def predict_logits(
     model: TextClassifier, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, pooled) for every text, in order, in eval mode."""
+    """(logits, pooled) for every text, in the order given, in eval mode.
+
+    Batches are formed from texts sorted by token count, so each pads to a near-equal width (on short,
+    varied queries padding to the batch's longest otherwise wastes about two thirds of the compute)."""
     model.eval()
+    device = next(model.parameters()).device
+    tokenized = TokenizedTexts(tokenizer, texts, max_length)
+    order = np.argsort(tokenized.lengths, kind="stable")
     logits, pooled = [], []
     for start in range(0, len(texts), batch_size):
-        out_logits, out_pooled = model(**encode(tokenizer, texts[start : start + batch_size], max_length))
-        logits.append(out_logits.float())
-        pooled.append(out_pooled.float())
-    return torch.cat(logits), torch.cat(pooled)
+        out_logits, out_pooled = model(**tokenized.batch(order[start : start + batch_size], device))
+        logits.append(out_logits.float().cpu())
+        pooled.append(out_pooled.float().cpu())
+    inverse = torch.from_numpy(np.argsort(order, kind="stable"))
+    if not logits:
+        return torch.zeros((0, model.head.out_features)), torch.zeros((0, model.config.hidden_size))
+    return torch.cat(logits)[inverse], torch.cat(pooled)[inverse]

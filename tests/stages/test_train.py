@@ -9,94 +9,12 @@ import polars as pl
 import pytest
 import torch
 
-from stages.common.encoder import TextClassifier, load, save
+from stages.common.encoder import flops_per_token, load, save
 from stages.common.errors import StageError
-from stages.common.training import OptimParams
+from stages.common.training import OptimParams, resolve_engine
 from stages.distill import finetune, soft_labels
-from stages.train import TrainParams, build_student, distill_student, flops_per_token, kd_loss, trim_vocabulary
-from tests.conftest import frame
-
-WORDS = [
-    "refund",
-    "money",
-    "back",
-    "cancel",
-    "plan",
-    "stop",
-    "where",
-    "parcel",
-    "track",
-    "my",
-    "the",
-    "please",
-    "now",
-    "today",
-    "order",
-    "want",
-    "i",
-    "is",
-    "subscription",
-    "delivery",
-]
-LABELS = {"cancel": 0, "refund": 1, "track": 2}
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = specials + WORDS + chars + ["##" + c for c in chars] + ["zebra", "##s"]
-    ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
-    backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-def tiny_teacher(seed: int = 0) -> tuple[TextClassifier, object]:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    cfg = BertConfig(
-        vocab_size=len(tok.get_vocab()),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return TextClassifier(BertModel(cfg, add_pooling_layer=False), len(LABELS)), tok
-
-
-def dataset(n_per_label: int = 12, seed: int = 0) -> pl.DataFrame:
-    rng = np.random.default_rng(seed)
-    cues = {
-        "cancel": ["cancel", "stop", "plan", "subscription"],
-        "refund": ["refund", "money", "back"],
-        "track": ["where", "parcel", "track", "delivery"],
-    }
-    filler = ["my", "the", "please", "now", "today", "i", "want", "is", "order"]
-    rows = []
-    for lab, words in cues.items():
-        for i in range(n_per_label):
-            text = " ".join(rng.choice(words, 2).tolist() + rng.choice(filler, 3).tolist())
-            rows.append((f"{lab}-{i:03d}", text, lab))
-    return frame(rows)
-
+from stages.train import TrainParams, build_student, distill_student, kd_loss, trim_vocabulary
+from tests.stages.tiny import LABELS, dataset, tiny_teacher
 
 OPTIM = OptimParams(epochs=8, lr=3e-3, batch_size=8, patience=8, max_length=16, warmup_ratio=0.1)
 
@@ -127,7 +45,7 @@ def test_student_learns_from_soft_labels(fitted_teacher):
     losses = [c["loss"] for c in summary["curves"]]
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
     assert summary["val_accuracy"] > 1 / len(LABELS) + 0.2
-    assert flops_per_token(student.config) < flops_per_token(teacher.config)
+    assert flops_per_token(student, 32) < flops_per_token(teacher, 32)
 
 
 def test_same_seed_same_safetensors(tmp_path, fitted_teacher):
@@ -212,3 +130,60 @@ def test_teacher_folder_round_trip(tmp_path):
         b = model(batch["input_ids"], batch["attention_mask"])[0]
     assert torch.equal(a, b) and labels == LABELS
     assert json.loads((tmp_path / "t" / "config.json").read_text())["num_labels"] == 3
+
+
+def test_engine_choice():
+    assert resolve_engine("torch")[0] == "torch"
+    if not torch.cuda.is_available():
+        assert resolve_engine("auto") == ("torch", "auto: no CUDA and no deepspeed launcher")
+    with pytest.raises(StageError, match="train.engine must be one of"):
+        resolve_engine("jax")
+
+
+def _curves(fitted_teacher, engine, **optim):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = TrainParams(
+        layers=1,
+        hidden=32,
+        heads=2,
+        ffn=64,
+        init="teacher",
+        teacher_layers=[1],
+        zero_stage=optim.pop("zero_stage", 0),
+        optim=OptimParams(epochs=2, lr=1e-3, batch_size=8, max_length=16, **optim),
+    )
+    student = build_student(teacher, None, p)
+    return student, distill_student(student, tok, train, soft, val, LABELS, p, engine)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero0_matches_the_torch_loop(fitted_teacher):
+    """Same loss, same data order, same schedule: fp32 runs agree step by step (ZeRO 0, one process)."""
+    pytest.importorskip("deepspeed")
+    _, ours = _curves(fitted_teacher, "torch", grad_accum=2)
+    _, theirs = _curves(fitted_teacher, "deepspeed", grad_accum=2)
+    assert theirs["engine"]["name"] == "deepspeed" and len(ours["curves"]) == len(theirs["curves"])
+    for a, b in zip(ours["curves"], theirs["curves"], strict=True):
+        assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_bf16_trains_and_saves_fp32(tmp_path, fitted_teacher):
+    pytest.importorskip("deepspeed")
+    student, summary = _curves(fitted_teacher, "deepspeed", zero_stage=2, precision="bf16")
+    assert summary["engine"] == {
+        "name": "deepspeed",
+        "precision": "bf16",
+        "device": "cpu",
+        "zero_stage": 2,
+        "world_size": 1,
+    }
+    losses = [c["loss"] for c in summary["curves"]]
+    assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert {t.dtype for t in student.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    save(student, fitted_teacher[1], LABELS, tmp_path / "ds")
+    reloaded, _, _ = load(tmp_path / "ds")
+    assert reloaded.config.num_hidden_layers == 1

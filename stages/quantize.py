@@ -1,0 +1,286 @@
+"""Stage `quantize`: ONNX export with a parity check, INT8 variants, and an accuracy-aware choice.
+
+The pruned student is exported to ONNX (dynamic batch and sequence axes, attention-mask input) and
+checked against PyTorch on validation rows: a max |logit difference| above `parity_tolerance` fails the
+stage. INT8 variants from ONNX Runtime: `dynamic` (weights INT8, activations quantized on the fly) and
+`static` (QDQ, per-channel weights, activation ranges calibrated on `calibration_rows` validation rows).
+With `qat: true` a `qat` variant is added: the student is fine-tuned for `qat_epochs` with INT8
+fake-quantized weights in the loop (per-channel symmetric, straight-through gradients, the same scheme
+as ONNX Runtime's), then quantized like `static`.
+
+Each variant is scored on validation; the choice is the fastest (model-only p50 at batch 1) whose
+accuracy drop versus fp32 is within `max_accuracy_drop` points. When none is, the most accurate variant
+is written anyway, `budget_met: false` is recorded, and the stage fails only with `strict: true`.
+Variant files are deterministic; latencies are timings and vary, so the choice can differ between runs
+only when two variants are within `latency_margin` of each other and both fit the budget (then the more
+accurate one is taken, which is deterministic).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from stages.common.atomic import outputs
+from stages.common.cli import read_frames, stage_args, stage_params
+from stages.common.encoder import TextClassifier, TokenizedTexts, load
+from stages.common.errors import StageError, stage_entrypoint
+from stages.common.metrics import accuracy, macro_f1
+from stages.common.onnx_runtime import export_onnx, feeds, latency_ms, ort_logits, session, size_mb
+from stages.common.training import OptimParams
+
+VARIANTS = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    opset: int = 18
+    parity_tolerance: float = 1e-4  # max |logit difference| between PyTorch and the fp32 ONNX model
+    parity_rows: int = 512  # validation rows compared (all when fewer)
+    variants: tuple[str, ...] = VARIANTS
+    per_channel: bool = True
+    calibration_rows: int = 256  # validation rows for static calibration
+    qat: bool = False
+    qat_epochs: int = 1
+    qat_lr: float = 2e-5
+    max_accuracy_drop: float = 0.5  # points of validation accuracy an INT8 variant may lose against fp32
+    strict: bool = False  # true: exit non-zero when no variant meets the budget
+    latency_runs: int = 200  # batch-1 runs per variant for the model-only latency
+    latency_margin: float = 0.05  # variants this close in p50 count as equally fast
+    threads: int = 2
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", tuple(self.variants))
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown or not self.variants:
+            raise ValueError(f"quantize.variants must be a non-empty subset of {list(VARIANTS)}, got {unknown}")
+        if self.opset < 17:
+            raise ValueError(f"quantize.opset must be >= 17, got {self.opset}")
+        for key in ("parity_rows", "calibration_rows", "latency_runs", "threads", "qat_epochs", "max_length"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"quantize.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.max_accuracy_drop < 0:
+            raise ValueError(f"quantize.max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
+
+
+def check_parity(model: TextClassifier, onnx_path: Path, texts: TokenizedTexts, tolerance: float) -> float:
+    """Max |logit difference| between PyTorch and ONNX Runtime on `texts`; fails above `tolerance`."""
+    model.eval()
+    order = np.argsort(texts.lengths, kind="stable")
+    worst = 0.0
+    sess = session(onnx_path)
+    with torch.no_grad():
+        for start in range(0, len(texts), 64):
+            batch = texts.batch(order[start : start + 64])
+            ours = model(**batch)[0].float().numpy()
+            theirs = sess.run(["logits"], feeds(batch))[0]
+            worst = max(worst, float(np.abs(ours - theirs).max()))
+    if not worst <= tolerance:
+        raise StageError(
+            f"ONNX parity: max |logit difference| {worst:.3g} on validation rows exceeds "
+            f"quantize.parity_tolerance {tolerance:g}; the export is wrong"
+        )
+    return worst
+
+
+class _Rows:
+    """ONNX Runtime CalibrationDataReader over validation rows, one batch of 16 at a time."""
+
+    def __init__(self, texts: TokenizedTexts, rows: int):
+        self.batches = [feeds(texts.batch(range(i, min(rows, i + 16)))) for i in range(0, min(rows, len(texts)), 16)]
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+
+
+def quantize_static_int8(src: Path, dst: Path, texts: TokenizedTexts, rows: int, per_channel: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(dst),
+            _Rows(texts, rows),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+
+class _FakeQuantLinear(nn.Module):
+    """A Linear whose weight passes through per-output-channel symmetric INT8 fake quantization."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.linear.weight
+        scale = (w.detach().abs().amax(dim=1).clamp(min=1e-8) / 127.0).float()
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        wq = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)
+        return nn.functional.linear(x, wq, self.linear.bias)
+
+
+def _swap_linears(module: nn.Module, wrap: bool) -> None:
+    for name, child in module.named_children():
+        if wrap and isinstance(child, nn.Linear):
+            setattr(module, name, _FakeQuantLinear(child))
+        elif not wrap and isinstance(child, _FakeQuantLinear):
+            setattr(module, name, child.linear)
+        else:
+            _swap_linears(child, wrap)
+
+
+def qat_finetune(
+    model: TextClassifier, tokenizer: Any, train: pl.DataFrame, val: pl.DataFrame, labels: dict[str, int], p: Any
+) -> dict[str, Any]:
+    """Quantization-aware fine-tune of the encoder's Linears (weights fake-quantized, cross-entropy)."""
+    from stages.distill import finetune
+
+    _swap_linears(model.encoder.encoder, wrap=True)
+    try:
+        optim = OptimParams(epochs=p.qat_epochs, lr=p.qat_lr, batch_size=32, max_length=p.max_length, seed=p.seed)
+        summary = finetune(model, tokenizer, train, val, labels, optim, engine="torch")
+    finally:
+        _swap_linears(model.encoder.encoder, wrap=False)
+    return summary
+
+
+def score(logits: np.ndarray, truth: list[int], n_labels: int) -> dict[str, float]:
+    pred = logits.argmax(1).tolist()
+    return {"accuracy": round(accuracy(truth, pred), 6), "macro_f1": round(macro_f1(truth, pred, n_labels), 6)}
+
+
+def choose(frontier: dict[str, dict[str, Any]], budget: float, margin: float) -> tuple[str, bool, str]:
+    """(variant, budget met, why) from the INT8 variants' scores."""
+    fits = {k: v for k, v in frontier.items() if v["accuracy_drop_points"] <= budget}
+    if not fits:
+        best = max(frontier, key=lambda k: (frontier[k]["accuracy"], k))
+        return best, False, f"no INT8 variant within {budget} points of fp32: kept the most accurate ({best})"
+    fastest = min(v["latency_ms"]["p50"] for v in fits.values())
+    close = [k for k, v in fits.items() if v["latency_ms"]["p50"] <= fastest * (1 + margin)]
+    pick = max(close, key=lambda k: (fits[k]["accuracy"], k))
+    return (
+        pick,
+        True,
+        (
+            f"fastest within the budget of {budget} points (variants within {margin:.0%} of the fastest p50 count "
+            "as equally fast; the more accurate is kept)"
+        ),
+    )
+
+
+@stage_entrypoint("quantize")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.quantize --in data/06_prune --augment … --clean … --out data/07_quantize`."""
+    args = stage_args("quantize", __doc__, argv, upstream="prune", more=("augment", "clean"))
+    p = stage_params(QuantizeParams, "quantize", args.params)
+    torch.manual_seed(p.seed)
+    model, tokenizer, labels = load(args.inp / "student")
+    held = read_frames(args.clean, ("val", "test"), upstream="clean")
+    val_texts = TokenizedTexts(tokenizer, held["val"]["text"].to_list(), p.max_length)
+    truth = [labels[x] for x in held["val"]["label"]]
+    rng = np.random.default_rng(p.seed)
+    calib = held["val"][sorted(rng.permutation(held["val"].height)[: p.calibration_rows].tolist())]
+    calib_texts = TokenizedTexts(tokenizer, calib["text"].to_list(), p.max_length)
+    metrics: dict[str, Any] = {"opset": p.opset, "threads": p.threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        fp32 = work / "model.onnx"
+        export_onnx(model, tokenizer, fp32, p.opset)
+        parity_texts = TokenizedTexts(tokenizer, held["val"]["text"].to_list()[: p.parity_rows], p.max_length)
+        metrics["parity"] = {
+            "max_abs_logit_diff": check_parity(model, fp32, parity_texts, p.parity_tolerance),
+            "tolerance": p.parity_tolerance,
+            "rows": len(parity_texts),
+        }
+        made: dict[str, Path] = {}
+        if "dynamic" in p.variants:
+            made["dynamic"] = work / "dynamic.onnx"
+            quantize_dynamic_int8(fp32, made["dynamic"], p.per_channel)
+        if "static" in p.variants:
+            made["static"] = work / "static.onnx"
+            quantize_static_int8(fp32, made["static"], calib_texts, p.calibration_rows, p.per_channel)
+        if p.qat:
+            train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
+            metrics["qat"] = qat_finetune(model, tokenizer, train, held["val"], labels, p)
+            qat_fp32 = work / "qat_fp32.onnx"
+            export_onnx(model, tokenizer, qat_fp32, p.opset)
+            made["qat"] = work / "qat.onnx"
+            quantize_static_int8(qat_fp32, made["qat"], calib_texts, p.calibration_rows, p.per_channel)
+        frontier: dict[str, dict[str, Any]] = {}
+        for name, path in {"fp32": fp32, **made}.items():
+            sess = session(path, p.threads)
+            result = score(ort_logits(sess, val_texts), truth, len(labels))
+            frontier[name] = {
+                **result,
+                "size_mb": size_mb(path),
+                "latency_ms": latency_ms(sess, val_texts, p.latency_runs),
+            }
+        base = frontier["fp32"]
+        for name in made:
+            frontier[name]["accuracy_drop_points"] = round(100 * (base["accuracy"] - frontier[name]["accuracy"]), 4)
+            frontier[name]["size_vs_fp32"] = round(frontier[name]["size_mb"] / base["size_mb"], 4)
+            frontier[name]["speedup_vs_fp32"] = round(
+                base["latency_ms"]["p50"] / frontier[name]["latency_ms"]["p50"], 3
+            )
+        chosen, met, why = choose({k: frontier[k] for k in made}, p.max_accuracy_drop, p.latency_margin)
+        metrics.update(
+            frontier=frontier,
+            chosen=chosen,
+            budget_met=met,
+            why=why,
+            max_accuracy_drop=p.max_accuracy_drop,
+            timings="latency_ms are wall-clock timings: they vary between runs; model files are deterministic",
+        )
+        if not met and p.strict:  # fail closed: nothing is written
+            raise StageError(f"quantize.strict: {why}")
+        with outputs() as w:
+            w.file(args.out / "model.onnx", lambda tmp_path: shutil.copyfile(fp32, tmp_path))
+            w.file(args.out / "model.int8.onnx", lambda tmp_path: shutil.copyfile(made[chosen], tmp_path))
+            folder = w.directory(args.out / "variants")
+            for name, path in made.items():
+                shutil.copyfile(path, folder / f"{name}.onnx")
+            w.json(args.out / "metrics.json", metrics)
+    c = frontier[chosen]
+    print(
+        f"quantize: parity {metrics['parity']['max_abs_logit_diff']:.2g}; fp32 val {base['accuracy']:.4f}; chose "
+        f"{chosen} (val {c['accuracy']:.4f}, {c['size_vs_fp32']:.0%} of fp32 size, {c['speedup_vs_fp32']:.2f}x "
+        f"faster at batch 1){'' if met else '; accuracy budget MISSED'} -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

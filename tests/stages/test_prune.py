@@ -1,0 +1,78 @@
+"""prune on a tiny student: shapes shrink, the model reloads and exports, 0 shares pass through."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages import prune
+from stages.common.encoder import TokenizedTexts, layer_shapes, load
+from stages.common.onnx_runtime import export_onnx
+from stages.quantize import check_parity
+from tests.stages.tiny import write_stage_inputs
+
+RECOVERY = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "max_length": 16}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prune")
+    write_stage_inputs(root, heads=4)
+    return root
+
+
+def run_prune(root: Path, out: str, **params) -> dict:
+    section = {"optim": RECOVERY, "min_heads_per_layer": 1, "min_ffn_per_layer": 8, **params}
+    params_file = root / f"{out}.yaml"
+    params_file.write_text(yaml.safe_dump({"prune": section, "train": {"alpha": 0.7, "temperature": 2.0}}))
+    d = root / "data"
+    argv = ["--params", str(params_file), "--in", str(d / "05_train"), "--augment", str(d / "03_augment")]
+    argv += ["--distill", str(d / "04_distill"), "--clean", str(d / "02_clean"), "--out", str(root / out)]
+    assert prune.main(argv) == 0
+    return json.loads((root / out / "metrics.json").read_text())
+
+
+def test_structured_pruning_shrinks_reloads_and_exports(inputs, tmp_path):
+    metrics = run_prune(inputs, "structured", heads=0.5, ffn=0.5)
+    model, tok, _ = load(inputs / "structured/student")
+    shapes = layer_shapes(model)
+    assert sum(s["heads"] for s in shapes) == 4 and all(s["heads"] >= 1 for s in shapes)
+    assert sum(s["ffn"] for s in shapes) == 64
+    layer = model.encoder.encoder.layer[0]
+    assert layer.attention.self.query.weight.shape == (shapes[0]["heads"] * 8, 32)
+    assert layer.intermediate.dense.weight.shape == (shapes[0]["ffn"], 32)
+    assert metrics["pruned"] and metrics["flops_reduction"] > 0.4
+    assert metrics["after"]["parameters"] < metrics["before"]["parameters"]
+    onnx_path = tmp_path / "pruned.onnx"
+    export_onnx(model, tok, onnx_path, 18)
+    texts = TokenizedTexts(tok, ["where is my parcel", "refund my money now please"], 16)
+    assert check_parity(model, onnx_path, texts, 1e-4) < 1e-4
+
+
+def test_zero_shares_pass_the_student_through(inputs):
+    metrics = run_prune(inputs, "same", heads=0.0, ffn=0.0)
+    assert not metrics["pruned"] and "passed through" in metrics["note"]
+    before = (inputs / "data/05_train/student/model.safetensors").read_bytes()
+    assert (inputs / "same/student/model.safetensors").read_bytes() == before
+
+
+def test_magnitude_reaches_its_sparsity_and_says_dense_gets_nothing(inputs):
+    metrics = run_prune(inputs, "magnitude", heads=0.0, ffn=0.0, magnitude=0.5)
+    assert metrics["sparsity"]["encoder_matrices"] == pytest.approx(0.5, abs=0.01)
+    assert "no speed" in metrics["sparsity"]["note"]
+    assert metrics["recovery"]["engine"]["name"] == "torch"
+
+
+def test_choose_removed_keeps_the_per_layer_minimum():
+    scores = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.9, 0.8, 0.7])]
+    assert prune.choose_removed(scores, 0.5, 1) == [[0, 1], [2]]
+    assert prune.choose_removed(scores, 0.0, 1) == [[], []]
+
+
+def test_bad_share_is_named():
+    with pytest.raises(ValueError, match=r"prune.heads must be a share in \[0, 1\)"):
+        prune.PruneParams(heads=1.5)

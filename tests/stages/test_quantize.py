@@ -1,0 +1,107 @@
+"""quantize on a tiny student: parity guard, INT8 variants, accuracy-aware choice, identical bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from onnx import numpy_helper
+
+from stages import quantize
+from stages.common.encoder import TokenizedTexts, load
+from stages.common.errors import StageError
+from stages.common.onnx_runtime import export_onnx
+from tests.stages.tiny import write_stage_inputs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("quantize")
+    write_stage_inputs(root, heads=2)
+    (root / "data/06_prune").mkdir()
+    (root / "data/06_prune/student").symlink_to(root / "data/05_train/student")
+    return root
+
+
+def run_quantize(root: Path, out: str, code: int = 0, **params) -> dict | None:
+    section = {"latency_runs": 20, "calibration_rows": 8, "max_length": 16, **params}
+    params_file = root / f"{out}.yaml"
+    params_file.write_text(yaml.safe_dump({"quantize": section}))
+    d = root / "data"
+    argv = ["--params", str(params_file), "--in", str(d / "06_prune"), "--augment", str(d / "03_augment")]
+    argv += ["--clean", str(d / "02_clean"), "--out", str(root / out)]
+    assert quantize.main(argv) == code
+    return json.loads((root / out / "metrics.json").read_text()) if code == 0 else None
+
+
+def test_exports_quantizes_and_records_the_frontier(inputs):
+    metrics = run_quantize(inputs, "a")
+    out = inputs / "a"
+    assert {p.name for p in (out / "variants").iterdir()} == {"dynamic.onnx", "static.onnx"}
+    assert metrics["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert set(metrics["frontier"]) == {"fp32", "dynamic", "static"}
+    assert metrics["chosen"] in ("dynamic", "static")
+    chosen = (out / "variants" / f"{metrics['chosen']}.onnx").read_bytes()
+    assert (out / "model.int8.onnx").read_bytes() == chosen
+    for name in ("dynamic", "static"):
+        assert {"accuracy", "size_mb", "latency_ms", "accuracy_drop_points"} <= set(metrics["frontier"][name])
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims)  # batch and sequence are dynamic
+
+
+def test_two_runs_write_identical_model_files(inputs):
+    run_quantize(inputs, "b")
+    run_quantize(inputs, "c")
+    for name in ("model.onnx", "variants/dynamic.onnx", "variants/static.onnx"):
+        assert (inputs / "b" / name).read_bytes() == (inputs / "c" / name).read_bytes(), name
+
+
+def test_parity_check_fails_on_a_broken_export(inputs, tmp_path):
+    model, tok, _ = load(inputs / "data/05_train/student")
+    path = tmp_path / "m.onnx"
+    export_onnx(model, tok, path, 18)
+    proto = onnx.load(str(path))
+    head = next(t for t in proto.graph.initializer if "head" in t.name and "weight" in t.name)
+    head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * 1.05, head.name))
+    onnx.save(proto, str(path))
+    texts = TokenizedTexts(tok, ["where is my parcel", "cancel my plan"], 16)
+    with pytest.raises(StageError, match=r"ONNX parity: max \|logit difference\| .* exceeds quantize.parity_tolerance"):
+        quantize.check_parity(model, path, texts, 1e-4)
+
+
+def frontier(**rows):
+    return {
+        name: {"accuracy": acc, "accuracy_drop_points": drop, "latency_ms": {"p50": p50}}
+        for name, (acc, drop, p50) in rows.items()
+    }
+
+
+def test_choice_is_the_fastest_within_budget():
+    f = frontier(dynamic=(0.90, 0.4, 2.0), static=(0.89, 1.4, 1.0))
+    assert quantize.choose(f, 0.5, 0.05)[:2] == ("dynamic", True)
+    assert quantize.choose(f, 2.0, 0.05)[:2] == ("static", True)
+
+
+def test_a_missed_budget_keeps_the_most_accurate_and_says_so(inputs):
+    f = frontier(dynamic=(0.80, 3.0, 2.0), static=(0.82, 1.0, 1.0))
+    name, met, why = quantize.choose(f, 0.5, 0.05)
+    assert (name, met) == ("static", False) and "no INT8 variant within 0.5 points" in why
+
+
+def test_strict_fails_when_the_budget_is_missed(inputs, monkeypatch, capsys):
+    monkeypatch.setattr(quantize, "choose", lambda *a: ("dynamic", False, "no INT8 variant within 0.0 points"))
+    run_quantize(inputs, "strict", code=1, strict=True, variants=["dynamic"])
+    assert "quantize: error: quantize.strict: no INT8 variant" in capsys.readouterr().err
+    assert not (inputs / "strict").exists()  # fails closed: nothing written
+
+
+def test_qat_adds_a_variant(inputs):
+    metrics = run_quantize(inputs, "qat", qat=True, qat_epochs=1, variants=["dynamic"])
+    assert set(metrics["frontier"]) == {"fp32", "dynamic", "qat"}
+    assert metrics["qat"]["best_epoch"] == 1
+    assert (inputs / "qat/variants/qat.onnx").is_file()
