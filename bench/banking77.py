@@ -165,34 +165,19 @@ def report(m: dict, onnx: dict, times: dict) -> None:
             None,
             "distill",
         ),
-        (
-            "student (distilled), ONNX fp32",
-            onnx["student"]["test"],
-            student["parameters"],
-            student["flops_per_token"],
-            onnx["student"]["size_mb"],
-            onnx["student"]["p50_ms"],
-            "train",
-        ),
-        (
-            "student pruned, ONNX fp32",
-            onnx["pruned"]["test"],
-            p_after["parameters"],
-            p_after["flops_per_token"],
-            onnx["pruned"]["size_mb"],
-            onnx["pruned"]["p50_ms"],
-            "prune",
-        ),
+    ]
+    for label, key, params, flops, stage in (
+        ("student (distilled), ONNX fp32", "student", student["parameters"], student["flops_per_token"], "train"),
+        ("student pruned, ONNX fp32", "pruned", p_after["parameters"], p_after["flops_per_token"], "prune"),
         (
             f"student pruned INT8 ({quant['chosen']})",
-            onnx["int8"]["test"],
+            "int8",
             p_after["parameters"],
             p_after["flops_per_token"],
-            onnx["int8"]["size_mb"],
-            onnx["int8"]["p50_ms"],
             "quantize",
         ),
-    ]
+    ):
+        rows.append((label, onnx[key]["test"], params, flops, onnx[key]["size_mb"], onnx[key]["p50_ms"], stage))
     print(
         f"{'model':<40} {'test acc':>8} {'macro-F1':>8} {'params':>11} {'MFLOP/tok':>9} {'MB':>7} "
         f"{'p50 ms':>7} {'stage s':>8}"

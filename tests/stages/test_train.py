@@ -48,18 +48,24 @@ def test_student_learns_from_soft_labels(fitted_teacher):
     assert flops_per_token(student, 32) < flops_per_token(teacher, 32)
 
 
-def test_same_seed_same_safetensors(tmp_path, fitted_teacher):
-    teacher, tok, train, val = fitted_teacher
-    soft = soft_labels(teacher, tok, train, 16)
-    p = TrainParams(
+def one_layer(zero_stage: int = 0, **optim) -> TrainParams:
+    """A 1-layer student cut from the tiny teacher's last layer, 2 epochs."""
+    return TrainParams(
         layers=1,
         hidden=32,
         heads=2,
         ffn=64,
         init="teacher",
         teacher_layers=[1],
-        optim=OptimParams(epochs=2, lr=1e-3, batch_size=8, max_length=16),
+        zero_stage=zero_stage,
+        optim=OptimParams(epochs=2, lr=1e-3, batch_size=8, max_length=16, **optim),
     )
+
+
+def test_same_seed_same_safetensors(tmp_path, fitted_teacher):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = one_layer()
     digests = []
     for run in ("a", "b"):
         kept, small_tok = trim_vocabulary(tok, train["text"].to_list())
@@ -143,16 +149,7 @@ def test_engine_choice():
 def _curves(fitted_teacher, engine, **optim):
     teacher, tok, train, val = fitted_teacher
     soft = soft_labels(teacher, tok, train, 16)
-    p = TrainParams(
-        layers=1,
-        hidden=32,
-        heads=2,
-        ffn=64,
-        init="teacher",
-        teacher_layers=[1],
-        zero_stage=optim.pop("zero_stage", 0),
-        optim=OptimParams(epochs=2, lr=1e-3, batch_size=8, max_length=16, **optim),
-    )
+    p = one_layer(**optim)
     student = build_student(teacher, None, p)
     return student, distill_student(student, tok, train, soft, val, LABELS, p, engine)
 
