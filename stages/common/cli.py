@@ -26,6 +26,8 @@ def stage_args(
     for name in more:
         ap.add_argument(f"--{name}", type=Path, required=True, help=f"{name}'s output folder")
     ap.add_argument("--out", type=Path, required=True, help="this stage's output folder (as in dvc.yaml)")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 

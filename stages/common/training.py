@@ -225,6 +225,9 @@ class TorchEngine:
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def release(self) -> None:
+        """Nothing to undo for the plain loop."""
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "precision": self.precision, "device": str(self.device), "world_size": 1}
 
@@ -294,9 +297,20 @@ class DeepSpeedEngine:
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         for name, param in self.module.named_parameters():
             full = safe_get_full_fp32_param(param)
-            if full is not None:
-                state[name] = full.detach().float().cpu().clone().reshape(state[name].shape)
+            if full is not None:  # under ZeRO 3 the module's own tensor is an empty partition: use ds_shape
+                shape = getattr(param, "ds_shape", None) or state[name].shape
+                state[name] = full.detach().float().cpu().clone().reshape(shape)
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    def release(self) -> None:
+        """After training: under ZeRO 3, drop DeepSpeed's hooks and give every parameter full-size storage
+        again, so the caller can load the best state into a plain module."""
+        if self.zero_stage != 3:
+            return
+        self.engine.destroy()
+        for param in self.module.parameters():
+            if hasattr(param, "ds_shape"):
+                param.data = torch.zeros(param.ds_shape, dtype=torch.float32, device=param.device)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -342,7 +356,9 @@ def fit(
     torch.manual_seed(p.seed)
     rng = np.random.default_rng(p.seed)
     rank, world_size = world()
-    micro_per_epoch = math.ceil(math.ceil(n_rows / p.batch_size) / world_size)
+    # Every rank must run the same number of micro-batches (each backward is a collective): with N ranks
+    # the last (batches mod N) batches of an epoch are left out; the order changes every epoch.
+    micro_per_epoch = max(1, math.ceil(n_rows / p.batch_size) // world_size)
     steps_per_epoch = math.ceil(micro_per_epoch / p.grad_accum)
     total = steps_per_epoch * p.epochs
     schedule = cosine_with_warmup(total, int(p.warmup_ratio * total))
@@ -362,7 +378,7 @@ def fit(
         for epoch in range(1, p.epochs + 1):
             runner.module.train()
             batches = epoch_batches(rng, n_rows, p.batch_size, lengths, p.length_window)
-            mine = batches[rank::world_size][:micro_per_epoch]  # every rank the same count
+            mine = batches[rank::world_size][:micro_per_epoch]
             for micro, rows in enumerate(mine):
                 with runner.autocast():
                     loss = step_loss(runner, rows, device)
@@ -401,4 +417,5 @@ def fit(
                     stopped_early = epoch < p.epochs
                     break
     seconds = time.perf_counter() - start
+    runner.release()
     return FitResult(best_state, best_epoch, best_acc, curves, seconds, stopped_early, runner.describe())

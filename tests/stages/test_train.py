@@ -184,3 +184,22 @@ def test_deepspeed_zero2_bf16_trains_and_saves_fp32(tmp_path, fitted_teacher):
     save(student, fitted_teacher[1], LABELS, tmp_path / "ds")
     reloaded, _, _ = load(tmp_path / "ds")
     assert reloaded.config.num_hidden_layers == 1
+
+
+def test_ranks_run_the_same_number_of_steps(fitted_teacher, monkeypatch):
+    """Under the launcher every backward is a collective: rank 0 and 1 must step equally often, even when
+    the epoch's batch count is odd (36 rows / 8 = 5 batches)."""
+    steps = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        _, summary = _curves(fitted_teacher, "torch")
+        steps.append([c["step"] for c in summary["curves"]])
+    assert steps[0] == steps[1] == [1, 2, 3, 4]
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
+    from stages.common.cli import stage_args
+
+    args = stage_args("train", "doc", ["--local_rank=1", "--out", "x"], upstream=None)
+    assert str(args.out) == "x"
