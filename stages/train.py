@@ -25,7 +25,7 @@ from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.encoder import TextClassifier, TokenizedTexts, flops_per_token, load, save
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.params import from_dict
-from stages.common.training import ENGINES, OptimParams, fit, is_main_process, resolve_engine
+from stages.common.training import OptimParams, check_engine, fit, is_main_process, resolve_engine
 from stages.distill import evaluate
 
 FLOPS_SEQ_LEN = 32  # sequence length at which FLOPs per token are reported (intents are ~10-30 tokens)
@@ -67,10 +67,7 @@ class TrainParams:
             raise ValueError(f"train.alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             raise ValueError(f"train.temperature must be > 0, got {self.temperature}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"train.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        check_engine(self.engine, self.zero_stage)
         if self.hidden_weight < 0:
             raise ValueError(f"train.hidden_weight must be >= 0, got {self.hidden_weight}")
 

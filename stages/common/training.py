@@ -119,11 +119,18 @@ def epoch_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def check_engine(engine: Any, zero_stage: Any = 0) -> None:
+    """The one check of `train.engine` and `train.zero_stage`, wherever they are read."""
+    if engine not in ENGINES:
+        raise StageError(f"train.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise StageError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+
+
 def resolve_engine(engine: str) -> tuple[str, str]:
     """(engine to use, why). `auto`: deepspeed when CUDA is present or the deepspeed launcher started us
     (and deepspeed imports), else torch."""
-    if engine not in ENGINES:
-        raise StageError(f"train.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_engine(engine)
     if engine == "torch":
         return "torch", "train.engine: torch"
     launched = "CROSS_RANK" in os.environ  # set by the deepspeed launcher, not by torchrun
@@ -147,10 +154,7 @@ def engine_params(params_file: Any) -> tuple[str, int]:
 
     section = load_section("train", params_file)
     engine, zero_stage = section.get("engine", "auto"), section.get("zero_stage", 0)
-    if engine not in ENGINES:
-        raise StageError(f"train.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if zero_stage not in (0, 1, 2, 3):
-        raise StageError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    check_engine(engine, zero_stage)
     return engine, zero_stage
 
 
