@@ -1,11 +1,12 @@
-"""Banking77 through the pipeline: teacher, student, pruned and INT8 student side by side.
+"""Banking77 through the pipeline: teacher, student, pruned and INT8 student, engines and the benchmark.
 
     python bench/banking77.py [--keep DIR] [--reuse DIR] [--distill-epochs 5] [--train-epochs 6]
 
 Runs `dvc repro --single-item` stage by stage on a scratch copy of the project with `ingest.source`
 pointed at ../shared/datasets/banking77 (label column `category`), times each stage, and prints one table:
 test accuracy, macro-F1, parameters, FLOPs per token, file size and model-only p50 latency at batch 1 in
-ONNX Runtime on 2 threads, with the targets of the distill/train and prune/quantize issues. `--reuse DIR`
+ONNX Runtime on 2 threads, with the targets of the distill/train and prune/quantize issues; then the fused
+engines `build` made and the `benchmark` stage's full table, with the targets of those issues. `--reuse DIR`
 takes a folder a previous `--keep` left and runs only the stages whose outputs are missing there (its code
 is refreshed from this checkout first; its data and params are kept).
 """
@@ -30,15 +31,18 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import copy_project  # noqa: E402  (one way to copy the project, shared with the tests)
 
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
-STAGES = ("ingest", "clean", "augment", "distill", "train", "prune", "quantize")
+STAGES = ("fingerprint", "ingest", "clean", "augment", "distill", "train", "prune", "quantize", "build", "benchmark")
 DONE_WHEN = {  # a stage counts as done in a reused folder when this output exists
+    "fingerprint": "data/00_fingerprint/fingerprint.json",
     "ingest": "data/01_ingest/train.parquet",
     "clean": "data/02_clean/train.parquet",
     "augment": "data/03_augment/train.parquet",
     "distill": "data/04_distill/metrics.json",
     "train": "data/05_train/metrics.json",
     "prune": "data/06_prune/metrics.json",
-    "quantize": "data/07_quantize/metrics.json",
+    "quantize": "data/07_quantize/tokenizer/labels.json",
+    "build": "data/08_build/manifest.json",
+    "benchmark": "data/09_benchmark/metrics.json",
 }
 
 
@@ -145,10 +149,43 @@ def main() -> int:
                 continue
             times[stage] = run_stage(root, stage)
             (root / "bench_times.json").write_text(json.dumps(times))
-        m = {s: json.loads((root / DONE_WHEN[s]).read_text()) for s in ("distill", "train", "prune", "quantize")}
+        m = {s: json.loads((root / DONE_WHEN[s]).read_text()) for s in ("distill", "train", "prune")}
+        m["quantize"] = json.loads((root / "data/07_quantize/metrics.json").read_text())
         onnx = measure(root)
+        build = json.loads((root / DONE_WHEN["build"]).read_text())
+        bench = json.loads((root / DONE_WHEN["benchmark"]).read_text())
+        table = (root / "data/09_benchmark/report.md").read_text()
     report(m, onnx, times)
+    report_engines(build, bench, table)
     return 0
+
+
+def report_engines(build: dict, bench: dict, table: str) -> None:
+    """The build issue's fused engines and the benchmark issue's full table, with their targets."""
+    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    print("\nbuild (ONNX Runtime engines, model-only p50 at batch 1, measured side by side with the unfused model):")
+    for name in ("onnxruntime_fp32", "onnxruntime_int8"):
+        e = build["engines"][name]
+        print(
+            f"  {name}: fused {e['fused_operators']}; p50 {e['latency_ms']['p50']:.3f} ms vs unfused "
+            f"{e['unfused_latency_ms']['p50']:.3f} ms = {e['speedup_vs_unfused']:.2f}x; parity {e['parity']}"
+        )
+    fused = build["engines"]["onnxruntime_int8"]["speedup_vs_unfused"]
+    print(f"build target: fusions make the INT8 student >= 1.2x faster: {fused:.2f}x {met(fused >= 1.2)}")
+    gpu = {k: v.get("reason") for k, v in build["engines"].items() if v["status"] != "built"}
+    print(f"GPU engines: {gpu}")
+    print("\n" + table)
+    v = bench["variants"]
+    s8, t8, tf, t32 = v["student_int8"], v["teacher_int8"], v["tfidf_logreg"], v["teacher_fp32"]
+    speed = t8["latency_ms"]["model"]["p50"] / s8["latency_ms"]["model"]["p50"]
+    size = s8["size_mb"] / t8["size_mb"]
+    gap = 100 * (t32["accuracy"] - s8["accuracy"])
+    print(
+        f"benchmark targets: student_int8 {s8['accuracy']:.4f} > tfidf_logreg {tf['accuracy']:.4f}: "
+        f"{met(s8['accuracy'] > tf['accuracy'])}; within 1.0 point of teacher_fp32 ({gap:.2f}): {met(gap <= 1.0)}; "
+        f"model p50 {speed:.2f}x lower than teacher_int8 (>= 3x): {met(speed >= 3)}; "
+        f"size {size:.1%} of teacher_int8 (<= 25%): {met(size <= 0.25)}"
+    )
 
 
 def report(m: dict, onnx: dict, times: dict) -> None:
@@ -189,7 +226,7 @@ def report(m: dict, onnx: dict, times: dict) -> None:
             f"{name:<40} {test['accuracy']:>8.4f} {test['macro_f1']:>8.4f} {params:>11,} {flops / 1e6:>9.2f} "
             f"{size_s} {p50_s} {times.get(stage, 0):>8.0f}"
         )
-    through_train = sum(times[s] for s in STAGES[:5])
+    through_train = sum(times.get(s, 0) for s in STAGES[: STAGES.index("train") + 1])
     print(
         f"whole run through train: {through_train / 60:.1f} min; stages: "
         + ", ".join(f"{s} {t:.0f}s" for s, t in times.items())

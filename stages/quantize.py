@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fp32 = work / "model.onnx"
-        export_onnx(model, tokenizer, fp32, p.opset)
+        metrics["export_form"] = export_onnx(model, tokenizer, fp32, p.opset)
         parity_texts = TokenizedTexts(tokenizer, held["val"]["text"].to_list()[: p.parity_rows], p.max_length)
         metrics["parity"] = {
             "max_abs_logit_diff": check_parity(model, fp32, parity_texts, p.parity_tolerance),
@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         with outputs() as w:
             w.file(args.out / "model.onnx", lambda tmp_path: shutil.copyfile(fp32, tmp_path))
             w.file(args.out / "model.int8.onnx", lambda tmp_path: shutil.copyfile(made[chosen], tmp_path))
+            tok_folder = w.directory(args.out / "tokenizer")  # the models' tokenizer and label map
+            tokenizer.save_pretrained(str(tok_folder))
+            shutil.copyfile(args.inp / "student" / "labels.json", tok_folder / "labels.json")
             folder = w.directory(args.out / "variants")
             for name, path in made.items():
                 shutil.copyfile(path, folder / f"{name}.onnx")

@@ -27,6 +27,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     ".ruff_cache",
     "cache",
     "tmp",
+    "00_*",
     "01_*",
     "02_*",
     "03_*",
@@ -42,10 +43,19 @@ COPY_IGNORE = shutil.ignore_patterns(
 )
 
 
-def copy_project(dest: Path) -> Path:
-    """Copy the project's sources, params, pipeline and demo data into `dest`, as a fresh git repo."""
+def copy_project(dest: Path, quick_benchmark: bool = False) -> Path:
+    """Copy the project's sources, params, pipeline and demo data into `dest`, as a fresh git repo. With
+    `quick_benchmark`, the benchmark stage times fewer runs and skips the memory probes (tests check what
+    it measures, not how precisely)."""
     shutil.copytree(ROOT, dest, ignore=COPY_IGNORE)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    if quick_benchmark:
+        import yaml
+
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        params["benchmark"].update(latency_runs=40, rounds=2, throughput_batches=2, memory=False, gemm_square=256)
+        params["build"].update(latency_runs=40)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
 
@@ -55,6 +65,16 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def pending(root: Path) -> dict:
+    """`dvc status` of `root`, less the fingerprint stage, which DVC always reports (`always_changed`)."""
+    import json
+
+    status = json.loads(dvc(root, "status", "--json").stdout)
+    if status.get("fingerprint") == ["always changed"]:
+        del status["fingerprint"]
+    return status
 
 
 def frame(rows: list[tuple], columns: tuple[str, ...] = ("id", "text", "label", "group")) -> pl.DataFrame:

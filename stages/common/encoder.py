@@ -116,6 +116,16 @@ def load(folder: str | Path) -> tuple[TextClassifier, Any, dict[str, int]]:
     return model.eval(), tokenizer, labels
 
 
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in `folder` (by `save`, or next to the ONNX models by `quantize`)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise StageError(f"{folder}: no tokenizer here (tokenizer_config.json not found); run the upstream stage")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
 def layer_shapes(model: TextClassifier) -> list[dict[str, int]]:
     """Attention heads and FFN width of each encoder layer (they differ after structured pruning)."""
     return [

@@ -1,15 +1,17 @@
 """ONNX export of a TextClassifier and ONNX Runtime helpers shared by `quantize` and later stages.
 
 The exported graph takes `input_ids` and `attention_mask` (int64, dynamic batch and sequence axes) and
-returns `logits`. Sessions are built with a fixed thread count, and CPU-only unless asked otherwise.
+returns `logits`. A BERT encoder is exported in the canonical form of its math (`_CanonicalBert`: one
+additive mask, per-layer head counts as constants), which has fewer operators than the traced Hugging
+Face module and which ONNX Runtime's transformer optimizer can fuse (`fuse_for_ort`). Sessions are built
+with a fixed thread count, and CPU-only unless asked otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 
 from stages.common.encoder import TextClassifier, TokenizedTexts
 from stages.common.errors import StageError
+from stages.common.timing import percentiles, side_by_side
 
 INPUTS = ("input_ids", "attention_mask")
 
@@ -31,18 +34,68 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids, attention_mask)[0]
 
 
-def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -> None:
-    """Export with the dynamo exporter (batch and sequence axes dynamic). `value_info` is cleared: the
-    exporter's intermediate shape annotations confuse ONNX Runtime's quantizer and serve nothing else."""
+class _CanonicalBert(torch.nn.Module):
+    """The classifier's forward pass written out for export, on the model's own modules: word and position
+    embeddings (token type 0 folded into the position table) and LayerNorm; then per layer Q/K/V with that
+    layer's head count as a constant, scores / sqrt(d) + (1 - mask) * -10000, softmax, output projection and
+    post-LayerNorms, GELU (erf) feed-forward; masked mean pooling and the head. The same function as
+    `TextClassifier.forward` (the export's parity check holds it to 1e-4); masked positions get exp(-10000) = 0
+    in float32 either way."""
+
+    def __init__(self, model: TextClassifier):
+        super().__init__()
+        self.model = model
+        emb = model.encoder.embeddings
+        # token type 0 is constant: folded into the position table, so embeddings are two lookups + LayerNorm
+        table = emb.position_embeddings.weight + emb.token_type_embeddings.weight[0]
+        self.register_buffer("positions", table.detach())
+
+    @staticmethod
+    def supports(model: TextClassifier) -> bool:
+        config = model.config
+        return (
+            getattr(config, "model_type", "") == "bert"
+            and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            and getattr(config, "hidden_act", "") == "gelu"
+            and not getattr(config, "is_decoder", False)
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        emb = self.model.encoder.embeddings
+        batch, seq = input_ids.shape[0], input_ids.shape[1]
+        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        x = emb.LayerNorm(emb.word_embeddings(input_ids) + torch.nn.functional.embedding(positions, self.positions))
+        additive = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(torch.float32)) * -10000.0
+        for layer in self.model.encoder.encoder.layer:
+            attn = layer.attention.self
+            heads, size = attn.num_attention_heads, attn.attention_head_size
+            q = attn.query(x).view(batch, seq, heads, size).permute(0, 2, 1, 3)
+            k = attn.key(x).view(batch, seq, heads, size).permute(0, 2, 3, 1)
+            v = attn.value(x).view(batch, seq, heads, size).permute(0, 2, 1, 3)
+            probs = torch.softmax(torch.matmul(q, k) / math.sqrt(size) + additive, dim=-1)
+            context = torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(batch, seq, heads * size)
+            x = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + x)
+            hidden = torch.nn.functional.gelu(layer.intermediate.dense(x))
+            x = layer.output.LayerNorm(layer.output.dense(hidden) + x)
+        mask = attention_mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.model.head(pooled)
+
+
+def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -> str:
+    """Export with the dynamo exporter (batch and sequence axes dynamic); returns the form exported
+    (`canonical` for a BERT encoder, else `traced`). `value_info` is cleared: the exporter's intermediate
+    shape annotations confuse ONNX Runtime's quantizer and serve nothing else."""
     import onnx
 
     model = model.eval().cpu()
     sample = tokenizer(["a short query", "a somewhat longer example query here"], padding=True, return_tensors="pt")
     args = (sample["input_ids"], sample["attention_mask"])
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    form = "canonical" if _CanonicalBert.supports(model) else "traced"
     try:
         program = torch.onnx.export(
-            _Logits(model).eval(),
+            (_CanonicalBert(model) if form == "canonical" else _Logits(model)).eval(),
             args,
             input_names=list(INPUTS),
             output_names=["logits"],
@@ -60,16 +113,91 @@ def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -
     del proto.graph.value_info[:]
     proto.producer_version = ""  # keeps the bytes independent of the torch build that wrote them
     onnx.save(proto, str(path))
+    return form
 
 
-def session(path: Path | str, threads: int = 2, providers: list[str] | None = None) -> Any:
+def _split_unsqueezes(proto: Any) -> int:
+    """Rewrite each Unsqueeze over several non-negative constant axes as a chain of one-axis Unsqueezes
+    (the same tensor). ONNX Runtime's attention fusion matches the mask path as two Unsqueezes, which is
+    how the TorchScript exporter wrote it; the dynamo exporter merges them into one. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    init = {t.name: t for t in proto.graph.initializer}
+    nodes, split = [], 0
+    for node in proto.graph.node:
+        constant = node.op_type == "Unsqueeze" and len(node.input) == 2 and node.input[1] in init
+        axes = numpy_helper.to_array(init[node.input[1]]) if constant else None
+        if axes is None or axes.size < 2 or (axes < 0).any():
+            nodes.append(node)
+            continue
+        current = node.input[0]
+        for i, axis in enumerate(sorted(int(a) for a in axes.ravel())):
+            name = f"{node.output[0]}__axis{axis}"
+            if name not in init:
+                init[name] = numpy_helper.from_array(np.array([axis], dtype=np.int64), name)
+                proto.graph.initializer.append(init[name])
+            out = node.output[0] if i == axes.size - 1 else f"{node.output[0]}__part{i}"
+            label = f"{node.name or node.output[0]}_{i}"
+            nodes.append(helper.make_node("Unsqueeze", [current, name], [out], name=label))
+            current = out
+        split += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return split
+
+
+def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer (BERT fusions: EmbedLayerNormalization, Attention,
+    SkipLayerNormalization, BiasGelu) on `src`, written to `dst`; returns the fused operator counts. Head counts
+    and hidden sizes are read per layer from the graph (a pruned model's layers differ). Only the Python fusions
+    are applied (`opt_level=0`): the file stays portable across CPUs; the session applies ONNX Runtime's own
+    graph optimizations at load time."""
+    import logging
+
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    proto = onnx.load(str(src))
+    _split_unsqueezes(proto)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        onnx.save(proto, str(prepared))
+        for name in ("fusion_attention", "fusion_base", "fusion_utils", "onnx_model", "onnx_model_bert"):
+            # the optimizer warns once per pruned layer that its width differs from the input's: expected
+            logging.getLogger(name).setLevel(logging.ERROR)
+        model = optimizer.optimize_model(str(prepared), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        stats = {k: int(v) for k, v in sorted(model.get_fused_operator_statistics().items()) if v}
+        model.save_model_to_file(str(prepared))  # adds the com.microsoft opset the fused nodes need
+        out = onnx.load(str(prepared))
+        out.producer_version = ""
+        onnx.save(out, str(dst))
+    return stats
+
+
+def session_options_record(threads: int) -> dict[str, Any]:
+    """The session options `session` uses, as saved next to built engines (load them the same way)."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "execution_mode": "ORT_SEQUENTIAL",
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "providers": ["CPUExecutionProvider"],
+    }
+
+
+def session(path: Path | str, threads: int = 2, providers: list[Any] | None = None) -> Any:
+    """An ONNX Runtime session with the options of `session_options_record(threads)` (CPU unless
+    `providers` says otherwise: callers check `get_providers()` for a silent fallback)."""
     import onnxruntime as ort
 
+    record = session_options_record(threads)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = record["intra_op_num_threads"]
+    options.inter_op_num_threads = record["inter_op_num_threads"]
+    options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or record["providers"])
 
 
 def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -87,18 +215,23 @@ def ort_logits(sess: Any, texts: TokenizedTexts, batch_size: int = 64) -> np.nda
     return np.concatenate(out)[np.argsort(order, kind="stable")]
 
 
+def _batch1(texts: TokenizedTexts) -> list[dict[str, np.ndarray]]:
+    return [feeds(texts.batch([i])) for i in range(len(texts))]
+
+
 def latency_ms(sess: Any, texts: TokenizedTexts, runs: int, warmup: int = 10) -> dict[str, float]:
     """Model-only latency at batch 1 over real queries (cycled): p50/p95/p99 in milliseconds. Timings vary
     from run to run and machine to machine."""
-    samples = []
-    for i in range(warmup + runs):
-        one = feeds(texts.batch([i % len(texts)]))
-        start = time.perf_counter()
-        sess.run(["logits"], one)
-        if i >= warmup:
-            samples.append((time.perf_counter() - start) * 1000.0)
-    qs = statistics.quantiles(samples, n=100, method="inclusive")
-    return {"p50": round(statistics.median(samples), 4), "p95": round(qs[94], 4), "p99": round(qs[98], 4)}
+    return latency_side_by_side({"one": sess}, texts, runs, rounds=1, warmup=warmup)["one"]
+
+
+def latency_side_by_side(
+    sessions: dict[str, Any], texts: TokenizedTexts, runs: int, rounds: int = 5, warmup: int = 10
+) -> dict[str, dict[str, float]]:
+    """`latency_ms` of several sessions, measured in interleaved rounds over the same queries."""
+    fns = {name: (lambda one, s=sess: s.run(["logits"], one)) for name, sess in sessions.items()}
+    samples = side_by_side(fns, _batch1(texts), runs, rounds=rounds, warmup=warmup)
+    return {name: percentiles(values) for name, values in samples.items()}
 
 
 def size_mb(path: Path) -> float:

@@ -1,0 +1,624 @@
+"""Stage `benchmark`: every variant measured side by side, in one run, on the same test rows.
+
+Variants:
+- `teacher_fp32`: the fine-tuned teacher in PyTorch.
+- `teacher_int8`: the teacher exported and quantized dynamically with ONNX Runtime (what the usual
+  export-and-quantize tools give).
+- `tfidf_logreg`: word (1-2) and character (2-5) n-gram TF-IDF with logistic regression, fit here on
+  clean's training rows. It is the classical baseline a user tries first.
+- `student_fp32`: the distilled student before pruning, exported here.
+- `student_pruned` and `student_int8`: quantize's `model.onnx` and `model.int8.onnx`.
+- Every engine `build` made: the fused ONNX Runtime engines and, on GPU hosts, TensorRT and ONNX
+  Runtime's GPU providers.
+
+For each variant:
+- test accuracy, macro-F1 and the worst label's F1;
+- file size;
+- latency at batch 1 over real test queries, p50/p95/p99, both model-only and end to end (text in, label
+  out, tokenization included);
+- model-only throughput at batch 32 and 64;
+- peak memory of a fresh process that loads the variant and runs it at batch 64;
+- efficiency: achieved FLOP/s at batch 64 over the GEMM peak measured here, in this run. The peak is
+  ONNX Runtime's MatMul at the model's own shape and at a large square, fp32 and INT8. The fraction uses
+  the large square of the variant's precision.
+Latencies are measured in interleaved rounds, so load drift falls on all variants alike.
+
+The gates (`publish.gates`) are checked for every publishable variant. The student's ONNX files and
+engines are publishable; teacher and TF-IDF are baselines. `candidate` is the fastest publishable variant
+(end-to-end p50) that passes all of them, or null.
+
+Outputs: `metrics.json`, `report.md`, `plots/{pareto,latency}.csv` (DVC plots) and `png/` (accuracy
+against latency with the Pareto front; latency distribution). Accuracy figures are deterministic; every
+timing, throughput, memory and efficiency figure varies between runs and machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from stages.common.atomic import outputs
+from stages.common.cli import read_frames, stage_args, stage_params
+from stages.common.encoder import TokenizedTexts, flops_per_token, load, load_tokenizer
+from stages.common.errors import StageError, stage_entrypoint
+from stages.common.metrics import accuracy, macro_f1, per_label_f1
+from stages.common.onnx_runtime import export_onnx, feeds, session
+from stages.common.params import from_dict, load_section
+from stages.common.timing import percentiles, side_by_side, timed_calls
+
+BASELINES = ("teacher_fp32", "teacher_int8", "tfidf_logreg")
+
+
+@dataclass(frozen=True)
+class BenchmarkParams:
+    threads: int = 2  # intra-op threads of every CPU runtime (torch, ONNX Runtime)
+    latency_runs: int = 300  # batch-1 queries per variant, model-only and end to end
+    rounds: int = 5  # latencies are taken in this many interleaved rounds over all variants
+    throughput_batches: int = 8  # batches of 32 and of 64 timed per variant
+    memory: bool = True  # peak memory per variant (a fresh process each)
+    gemm_square: int = 1024  # the large-square GEMM of the peak measurement (M = K = N)
+    tfidf_c: float = 10.0  # inverse regularization of the logistic regression
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("threads", "latency_runs", "rounds", "throughput_batches", "gemm_square", "max_length"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"benchmark.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.tfidf_c <= 0:
+            raise ValueError(f"benchmark.tfidf_c must be > 0, got {self.tfidf_c}")
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_accuracy: float = 0.0  # test accuracy (fraction)
+    max_drop_vs_teacher: float = 100.0  # points of test accuracy below teacher_fp32
+    max_p95_ms: float = 1e9  # end-to-end p95 latency at batch 1, milliseconds
+    max_size_mb: float = 1e9  # model file size
+
+    def check(self, row: dict[str, Any], teacher_accuracy: float) -> dict[str, dict[str, Any]]:
+        drop = round(100 * (teacher_accuracy - row["accuracy"]), 4)
+        measured = {
+            "min_accuracy": (row["accuracy"], row["accuracy"] >= self.min_accuracy, self.min_accuracy),
+            "max_drop_vs_teacher": (drop, drop <= self.max_drop_vs_teacher, self.max_drop_vs_teacher),
+            "max_p95_ms": (
+                row["latency_ms"]["end_to_end"]["p95"],
+                row["latency_ms"]["end_to_end"]["p95"] <= self.max_p95_ms,
+                self.max_p95_ms,
+            ),
+            "max_size_mb": (row["size_mb"], row["size_mb"] <= self.max_size_mb, self.max_size_mb),
+        }
+        return {k: {"measured": v, "passed": bool(ok), "limit": lim} for k, (v, ok, lim) in measured.items()}
+
+
+def read_gates(params_file: str | Path) -> Gates:
+    section = load_section("publish", params_file)
+    return from_dict(Gates, section.get("gates") or {}, "publish.gates")
+
+
+# ---- variants ----------------------------------------------------------------------------------------
+
+
+class Variant:
+    """One model under test. `batch(texts)` prepares inputs (tokenizing, or vectorizing); `run_batch`
+    runs the model alone on them and returns logits; `label(text)` goes from text to label id."""
+
+    name: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    files: list[Path]
+    tokenizer: Any = None
+    flops_model: Any = None  # a TextClassifier with the variant's shapes, for FLOPs per token
+    max_length: int = 64
+
+    def batch(self, texts: list[str]) -> Any:
+        return feeds(TokenizedTexts(self.tokenizer, texts, self.max_length).batch(range(len(texts))))
+
+    def run_batch(self, batch: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def label(self, text: str) -> int:
+        return int(np.argmax(self.run_batch(self.batch([text]))[0]))
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """All rows, in batches of 64 formed from texts sorted by length (as the stages score)."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = [self.run_batch(self.batch([texts[i] for i in order[s : s + 64]])) for s in range(0, len(texts), 64)]
+        return np.concatenate(out)[np.argsort(order, kind="stable")]
+
+    def size_mb(self) -> float:
+        return round(sum(f.stat().st_size for f in self.files) / 1e6, 4)
+
+
+class OrtVariant(Variant):
+    def __init__(self, name: str, path: Path, tokenizer: Any, p: BenchmarkParams, **kw: Any):
+        self.name, self.files, self.tokenizer, self.max_length = name, [path], tokenizer, p.max_length
+        self.precision = kw.get("precision", "fp32")
+        self.flops_model = kw.get("flops_model")
+        providers = kw.get("providers")
+        self.sess = session(path, p.threads, providers=providers)
+        if providers and self.sess.get_providers()[0] != providers[0]:
+            raise StageError(f"{name}: {providers[0]} fell back to {self.sess.get_providers()}")
+        self.device = "cuda" if providers else "cpu"
+
+    def run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.sess.run(["logits"], batch)[0]
+
+
+class TorchVariant(Variant):
+    def __init__(self, name: str, folder: Path, p: BenchmarkParams):
+        self.name, self.files, self.max_length = name, [folder / "model.safetensors"], p.max_length
+        self.model, self.tokenizer, _ = load(folder)
+        self.flops_model = self.model
+
+    @torch.no_grad()
+    def run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.model(**{k: torch.from_numpy(v) for k, v in batch.items()})[0].numpy()
+
+
+class TfidfVariant(Variant):
+    """Word 1-2-gram and character 2-5-gram (within word boundaries) TF-IDF, logistic regression."""
+
+    def __init__(self, train: pl.DataFrame, labels: dict[str, int], p: BenchmarkParams):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_union
+
+        self.name, self.files = "tfidf_logreg", []
+        self.vectorizer = make_union(
+            TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2),
+        )
+        x = self.vectorizer.fit_transform(train["text"].to_list())
+        y = np.array([labels[v] for v in train["label"]])
+        self.clf = LogisticRegression(C=p.tfidf_c, max_iter=2000, random_state=p.seed).fit(x, y)
+        self.n_labels = len(labels)
+
+    def batch(self, texts: list[str]) -> Any:
+        return self.vectorizer.transform(texts)
+
+    def run_batch(self, batch: Any) -> np.ndarray:
+        """Scores for every label id (labels absent from training score -inf)."""
+        scores = self.clf.decision_function(batch).reshape(batch.shape[0], -1)
+        full = np.full((batch.shape[0], self.n_labels), -np.inf)
+        full[:, self.clf.classes_] = scores
+        return full
+
+    def size_mb(self) -> float:
+        """Weights and vocabulary as they would be stored (float32 numbers, UTF-8 terms)."""
+        parts = [v for _, v in self.vectorizer.transformer_list]
+        vocab = sum(len(t.encode()) + 4 for v in parts for t in v.vocabulary_)
+        numbers = self.clf.coef_.size + self.clf.intercept_.size + sum(v.idf_.size for v in parts)
+        return round((vocab + 4 * numbers) / 1e6, 4)
+
+
+class TrtVariant(Variant):
+    def __init__(self, name: str, plan: Path, tokenizer: Any, p: BenchmarkParams, precision: str, flops_model: Any):
+        from stages.build import TrtRunner
+
+        self.name, self.files, self.tokenizer, self.max_length = name, [plan], tokenizer, p.max_length
+        self.precision, self.flops_model, self.device = precision, flops_model, "cuda"
+        self.runner = TrtRunner(plan.read_bytes())
+
+    def run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runner.run(batch)
+
+
+# ---- measurements ------------------------------------------------------------------------------------
+
+
+def quality(logits: np.ndarray, truth: list[int], names: list[str]) -> dict[str, Any]:
+    pred = logits.argmax(1).tolist()
+    f1 = per_label_f1(truth, pred, len(names))
+    present = sorted(set(truth))
+    worst = min(present, key=lambda k: (f1[k], names[k]))
+    return {
+        "accuracy": round(accuracy(truth, pred), 6),
+        "macro_f1": round(macro_f1(truth, pred, len(names)), 6),
+        "worst_label_f1": {"label": names[worst], "f1": round(float(f1[worst]), 6)},
+    }
+
+
+def throughput(variant: Variant, texts: list[str], batch_size: int, batches: int) -> tuple[float, float]:
+    """(queries per second, achieved FLOP/s) of the model alone over consecutive test rows."""
+    n = len(texts)
+    prepared = [
+        variant.batch([texts[(s + i) % n] for i in range(batch_size)])
+        for s in range(0, batches * batch_size, batch_size)
+    ]
+    variant.run_batch(prepared[0])  # warm-up
+    seconds = sum(timed_calls(variant.run_batch, prepared)) / 1000.0
+    flops = 0.0
+    if variant.flops_model is not None:
+        for batch in prepared:
+            width = batch["input_ids"].shape[1]
+            flops += batch_size * width * flops_per_token(variant.flops_model, width)
+    return round(batch_size * batches / seconds, 2), flops / seconds
+
+
+def gemm_peaks(threads: int, square: int, model_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """GFLOP/s of ONNX Runtime's MatMul (fp32) and MatMulInteger (uint8 x int8) on this machine, at the
+    model's own (M, K, N) and at a large square."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"shapes": {"model": list(model_shape), "large_square": [square] * 3}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("fp32", "int8"):
+            out[precision] = {}
+            for label, (m, k, n) in (("model", model_shape), ("large_square", (square, square, square))):
+                if precision == "fp32":
+                    weight = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")
+                    node = helper.make_node("MatMul", ["a", "w"], ["y"])
+                    a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+                    a = rng.standard_normal((m, k)).astype(np.float32)
+                else:
+                    weight = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "w")
+                    node = helper.make_node("MatMulInteger", ["a", "w"], ["y"])
+                    a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+                    a = rng.integers(0, 255, (m, k), dtype=np.uint8)
+                graph = helper.make_graph(
+                    [node],
+                    "gemm",
+                    [helper.make_tensor_value_info("a", a_type, [m, k])],
+                    [helper.make_tensor_value_info("y", y_type, [m, n])],
+                    [weight],
+                )
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+                path = Path(tmp) / f"{precision}_{label}.onnx"
+                onnx.save(model, str(path))
+                sess = session(path, threads)
+                sess.run(["y"], {"a": a})
+                runs = max(3, min(50, int(2e10 / (2 * m * k * n))))
+                best = min(timed_calls(lambda x, s=sess: s.run(["y"], {"a": x}), [a] * runs))
+                out[precision][label] = round(2 * m * k * n / (best / 1000.0) / 1e9, 2)
+    return out
+
+
+def _memory_probe(spec: dict[str, Any]) -> dict[str, float]:
+    """In a fresh process: RSS before loading the variant, and the peak after loading it and running it
+    on `spec['texts']` at batch 64 (megabytes)."""
+    torch.set_num_threads(spec["threads"])
+    import onnxruntime  # noqa: F401  (the runtimes are imported before the baseline is taken)
+    import transformers  # noqa: F401
+
+    def status_mb(field: str) -> float:
+        """VmRSS (now) or VmHWM (peak) of this process; unlike ru_maxrss, not inherited from the parent."""
+        with open("/proc/self/status") as fh:
+            line = next(ln for ln in fh if ln.startswith(field + ":"))
+        return int(line.split()[1]) / 1e3  # kB
+
+    before = status_mb("VmRSS")
+    p = BenchmarkParams(threads=spec["threads"], max_length=spec["max_length"])
+    if spec["kind"] == "torch":
+        variant: Variant = TorchVariant("probe", Path(spec["path"]), p)
+    else:
+        variant = OrtVariant("probe", Path(spec["path"]), load_tokenizer(spec["tokenizer"]), p)
+    variant.logits(spec["texts"])
+    peak = status_mb("VmHWM")
+    return {"peak_mb": round(peak, 1), "model_mb": round(max(0.0, peak - before), 1)}
+
+
+def peak_memory(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """`_memory_probe` of each spec in a fresh Python process (so one variant's memory never counts
+    towards another's)."""
+    code = "; ".join(["import json, sys", "from stages.benchmark import _memory_probe as probe",
+                      "print(json.dumps(probe(json.load(sys.stdin))))"])  # fmt: skip
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = {}
+    for name, spec in specs.items():
+        proc = subprocess.run(
+            [sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True, env=env
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StageError(f"benchmark: memory probe of {name} failed: {tail}")
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def pareto_front(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Variants no other variant beats on both accuracy (higher) and end-to-end p50 (lower)."""
+    front = []
+    for name, row in rows.items():
+        lat, acc = row["latency_ms"]["end_to_end"]["p50"], row["accuracy"]
+        dominated = any(
+            (o["accuracy"] >= acc and o["latency_ms"]["end_to_end"]["p50"] <= lat)
+            and (o["accuracy"] > acc or o["latency_ms"]["end_to_end"]["p50"] < lat)
+            for other, o in rows.items()
+            if other != name
+        )
+        if not dominated:
+            front.append(name)
+    return sorted(front)
+
+
+def report_table(rows: dict[str, dict[str, Any]], candidate: str | None) -> str:
+    head = (
+        "| variant | acc | macro-F1 | worst label F1 | MB | model p50 / p95 / p99 ms | end-to-end p50 / p95 ms "
+        "| qps @32 | qps @64 | peak MB | of GEMM peak |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for name, r in rows.items():
+        m, e = r["latency_ms"]["model"], r["latency_ms"]["end_to_end"]
+        mem = r.get("peak_memory_mb")
+        frac = r.get("peak_fraction")
+        lines.append(
+            f"| {name}{' (candidate)' if name == candidate else ''} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+            f"{r['worst_label_f1']['f1']:.3f} ({r['worst_label_f1']['label']}) | {r['size_mb']:.2f} | "
+            f"{m['p50']:.3f} / {m['p95']:.3f} / {m['p99']:.3f} | {e['p50']:.3f} / {e['p95']:.3f} | "
+            f"{r['throughput_qps']['batch_32']:.0f} | {r['throughput_qps']['batch_64']:.0f} | "
+            f"{'-' if mem is None else f'{mem:.0f}'} | {'-' if frac is None else f'{frac:.1%}'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plots(
+    folder: Path, rows: dict[str, dict[str, Any]], samples: dict[str, list[float]], front: list[str]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in rows.items():
+        x, y = r["latency_ms"]["end_to_end"]["p50"], 100 * r["accuracy"]
+        ax.scatter([x], [y], color="tab:red" if name in front else "tab:gray", zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    pts = sorted((rows[n]["latency_ms"]["end_to_end"]["p50"], 100 * rows[n]["accuracy"]) for n in front)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:red", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end p50 latency at batch 1 (ms, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(loc="lower right")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "pareto.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(samples) + 1.5))
+    names = list(samples)
+    ax.boxplot([samples[n] for n in names], orientation="horizontal", showfliers=False, tick_labels=names)
+    ax.set_xscale("log")
+    ax.set_xlabel("model-only latency at batch 1 (ms, log scale; whiskers 1.5 IQR)")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "latency.png", dpi=120)
+    plt.close(fig)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+
+def collect_variants(args: Any, p: BenchmarkParams, train: pl.DataFrame, labels: dict[str, int], work: Path):
+    """Every variant that exists, in table order, and the memory-probe specs of those that have a file."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tokenizer = load_tokenizer(args.quantize / "tokenizer")
+    teacher = TorchVariant("teacher_fp32", args.distill / "teacher", p)
+    variants: list[Variant] = [teacher]
+    print("benchmark: exporting and quantizing the teacher", file=sys.stderr)
+    teacher_onnx = work / "teacher.onnx"
+    export_onnx(teacher.model, teacher.tokenizer, teacher_onnx, 18)
+    teacher_int8 = work / "teacher_int8.onnx"
+    quantize_dynamic(str(teacher_onnx), str(teacher_int8), per_channel=True, weight_type=QuantType.QInt8)
+    variants.append(
+        OrtVariant("teacher_int8", teacher_int8, teacher.tokenizer, p, precision="int8", flops_model=teacher.model)
+    )
+    variants.append(TfidfVariant(train, labels, p))
+    student, student_tok, _ = load(args.train / "student")
+    student_onnx = work / "student.onnx"
+    export_onnx(student, student_tok, student_onnx, 18)
+    variants.append(OrtVariant("student_fp32", student_onnx, student_tok, p, flops_model=student))
+    pruned, _, _ = load(args.prune / "student")
+    variants.append(OrtVariant("student_pruned", args.quantize / "model.onnx", tokenizer, p, flops_model=pruned))
+    variants.append(
+        OrtVariant(
+            "student_int8", args.quantize / "model.int8.onnx", tokenizer, p, precision="int8", flops_model=pruned
+        )
+    )
+    manifest = json.loads((args.build / "manifest.json").read_text(encoding="utf-8"))
+    skipped = {}
+    for name, engine in sorted(manifest["engines"].items()):
+        if engine["status"] != "built":
+            skipped[name] = f"{engine['status']}: {engine.get('reason', '')}"
+            continue
+        try:
+            if engine["backend"] == "tensorrt":
+                variants.append(
+                    TrtVariant(name, args.build / engine["file"], tokenizer, p, engine["precision"], pruned)
+                )
+            elif engine["device"] == "cpu":
+                variants.append(
+                    OrtVariant(
+                        name,
+                        args.build / engine["file"],
+                        tokenizer,
+                        p,
+                        precision=engine["precision"],
+                        flops_model=pruned,
+                    )
+                )
+            else:
+                provider = engine["providers"][0]
+                src = args.build / engine["source"] if engine["source"].startswith("engines/") else None
+                src = src or args.quantize / engine["source"]
+                variants.append(
+                    OrtVariant(
+                        name,
+                        src,
+                        tokenizer,
+                        p,
+                        precision=engine["precision"],
+                        flops_model=pruned,
+                        providers=[provider, "CPUExecutionProvider"],
+                    )
+                )
+        except (StageError, ImportError, RuntimeError) as exc:
+            skipped[name] = f"could not load here: {exc}"
+    probes = {}
+    for v in variants:
+        if isinstance(v, TorchVariant):
+            probes[v.name] = {"kind": "torch", "path": str(args.distill / "teacher")}
+        elif isinstance(v, OrtVariant) and v.device == "cpu":
+            tok_dir = args.distill / "teacher" if v.name == "teacher_int8" else args.quantize / "tokenizer"
+            if v.name == "student_fp32":
+                tok_dir = args.train / "student"
+            probes[v.name] = {"kind": "onnx", "path": str(v.files[0]), "tokenizer": str(tok_dir)}
+    return variants, probes, skipped
+
+
+@stage_entrypoint("benchmark")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.benchmark --in data/08_build --clean … --distill … --train … --prune … --quantize …
+    --out data/09_benchmark`."""
+    args = stage_args(
+        "benchmark", __doc__, argv, upstream="build", more=("clean", "distill", "train", "prune", "quantize")
+    )
+    args.build = args.inp
+    p = stage_params(BenchmarkParams, "benchmark", args.params)
+    gates = read_gates(args.params)
+    torch.set_num_threads(p.threads)
+    torch.manual_seed(p.seed)
+    frames = read_frames(args.clean, ("train", "test"), upstream="clean")
+    labels = json.loads((args.clean / "labels.json").read_text(encoding="utf-8"))
+    names = [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    test_texts = frames["test"]["text"].to_list()
+    truth = [labels[x] for x in frames["test"]["label"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        variants, probes, skipped = collect_variants(args, p, frames["train"], labels, Path(tmp))
+        rows: dict[str, dict[str, Any]] = {}
+        for v in variants:
+            print(f"benchmark: scoring {v.name}", file=sys.stderr)
+            rows[v.name] = {
+                **quality(v.logits(test_texts), truth, names),
+                "size_mb": v.size_mb(),
+                "precision": v.precision,
+                "device": v.device,
+            }
+        print("benchmark: timing batch 1 (interleaved rounds)", file=sys.stderr)
+        queries = test_texts[: p.latency_runs]
+        prepared = {v.name: [v.batch([q]) for q in queries] for v in variants}
+        order = list(range(len(queries)))
+        model_fns = {v.name: (lambda i, v=v: v.run_batch(prepared[v.name][i])) for v in variants}
+        model_samples = side_by_side(model_fns, order, p.latency_runs, rounds=p.rounds)
+        e2e_fns = {v.name: (lambda i, v=v: names[v.label(queries[i])]) for v in variants}
+        e2e_samples = side_by_side(e2e_fns, order, p.latency_runs, rounds=p.rounds)
+        peaks = gemm_peaks(p.threads, p.gemm_square, model_shape(variants, test_texts, p))
+        memory = (
+            peak_memory(
+                {
+                    k: {**s, "threads": p.threads, "max_length": p.max_length, "texts": test_texts[:256]}
+                    for k, s in probes.items()
+                }
+            )
+            if p.memory
+            else {}
+        )
+        for v in variants:
+            qps32, _ = throughput(v, test_texts, 32, p.throughput_batches)
+            qps64, achieved = throughput(v, test_texts, 64, p.throughput_batches)
+            peak = peaks.get(v.precision, {}).get("large_square") if v.device == "cpu" else None
+            rows[v.name].update(
+                latency_ms={
+                    "model": percentiles(model_samples[v.name]),
+                    "end_to_end": percentiles(e2e_samples[v.name]),
+                },
+                throughput_qps={"batch_32": qps32, "batch_64": qps64},
+                achieved_gflops=round(achieved / 1e9, 2) if v.flops_model is not None else None,
+                peak_fraction=round(achieved / 1e9 / peak, 4) if (v.flops_model is not None and peak) else None,
+                peak_memory_mb=memory.get(v.name, {}).get("peak_mb"),
+                model_memory_mb=memory.get(v.name, {}).get("model_mb"),
+                publishable=v.name not in BASELINES,
+            )
+    teacher_acc = rows["teacher_fp32"]["accuracy"]
+    for row in rows.values():
+        if row["publishable"]:
+            row["gates"] = gates.check(row, teacher_acc)
+    passing = [n for n, r in rows.items() if r["publishable"] and all(g["passed"] for g in r["gates"].values())]
+    candidate = min(passing, key=lambda n: (rows[n]["latency_ms"]["end_to_end"]["p50"], n)) if passing else None
+    front = pareto_front(rows)
+    metrics = {
+        "variants": rows,
+        "peak_gflops": peaks,
+        "candidate": candidate,
+        "pareto_front": front,
+        "not_measured": skipped,
+        "test_rows": len(test_texts),
+        "threads": p.threads,
+        "timings": "latency, throughput, memory and efficiency figures are timings: they vary between runs",
+    }
+    table = report_table(rows, candidate)
+    report = "\n".join(
+        [
+            "# Benchmark",
+            "",
+            f"{len(test_texts)} test rows; batch-1 latency over {p.latency_runs} real queries per variant, in "
+            f"{p.rounds} interleaved rounds; {p.threads} CPU threads. Timings, throughput, memory and efficiency "
+            "vary between runs and machines; accuracy figures do not.",
+            "",
+            table,
+            "",
+            f"GEMM peak here (GFLOP/s): fp32 {peaks['fp32']['large_square']} (square {p.gemm_square}), "
+            f"{peaks['fp32']['model']} at the model's shape {peaks['shapes']['model']}; INT8 "
+            f"{peaks['int8']['large_square']} / {peaks['int8']['model']}. The fraction is against ONNX Runtime's "
+            "GEMM; PyTorch's own GEMM kernels can beat it (a fraction above 100%).",
+            "",
+            f"Candidate (fastest publishable variant passing `publish.gates`): **{candidate or 'none'}**. "
+            f"Pareto front: {', '.join(front)}.",
+            "",
+            *([f"Not measured: {', '.join(f'{k} ({v})' for k, v in skipped.items())}.", ""] if skipped else []),
+        ]
+    )
+    with outputs() as w:
+        w.json(args.out / "metrics.json", metrics)
+        w.text(args.out / "report.md", report)
+        w.text(args.out / "plots" / "pareto.csv", pareto_csv(rows, front))
+        w.text(args.out / "plots" / "latency.csv", latency_csv(rows))
+        write_plots(w.directory(args.out / "png"), rows, model_samples, front)
+    print(table)
+    print(f"benchmark: {len(rows)} variants; candidate {candidate or 'none'} -> {args.out}")
+    return 0
+
+
+def model_shape(variants: list[Variant], texts: list[str], p: BenchmarkParams) -> tuple[int, int, int]:
+    """(M, K, N) of the pruned student's first FFN matmul at batch 64 and the test rows' mean length."""
+    v = next(v for v in variants if v.name == "student_pruned")
+    tok = TokenizedTexts(v.tokenizer, texts, p.max_length)
+    layer = v.flops_model.encoder.encoder.layer[0]
+    return (
+        64 * int(round(float(tok.lengths.mean()))),
+        layer.intermediate.dense.in_features,
+        layer.intermediate.dense.out_features,
+    )
+
+
+def pareto_csv(rows: dict[str, dict[str, Any]], front: list[str]) -> str:
+    lines = ["variant,latency_p50_ms,accuracy,pareto"]
+    for name, r in rows.items():
+        lines.append(f"{name},{r['latency_ms']['end_to_end']['p50']},{r['accuracy']},{int(name in front)}")
+    return "\n".join(lines) + "\n"
+
+
+def latency_csv(rows: dict[str, dict[str, Any]]) -> str:
+    lines = ["variant,p50_ms,p95_ms,p99_ms"]
+    for name, r in rows.items():
+        m = r["latency_ms"]["model"]
+        lines.append(f"{name},{m['p50']},{m['p95']},{m['p99']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""fingerprint and build: a stable machine fingerprint, fused ONNX Runtime engines with parity, GPU
+engines recorded as skipped (with the reason) where there is no GPU, and built where there is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from onnx import numpy_helper
+
+from stages import build, fingerprint, quantize
+from tests.stages.tiny import write_stage_inputs
+
+CPUINFO = """processor : 0
+model name : Example CPU @ 2.0GHz
+flags : fpu sse4_2 avx avx2 fma avx512f avx512_vnni hypervisor
+"""
+
+
+def run_fingerprint(out: Path, ignore: list[str] | None = None) -> int:
+    params = out.parent / f"{out.name}.yaml"
+    params.write_text(yaml.safe_dump({"fingerprint": {"ignore": ignore or []}}))
+    return fingerprint.main(["--params", str(params), "--out", str(out)])
+
+
+def test_fingerprint_same_machine_same_bytes(tmp_path):
+    assert run_fingerprint(tmp_path / "a") == 0
+    assert run_fingerprint(tmp_path / "b") == 0
+    first = (tmp_path / "a/fingerprint.json").read_bytes()
+    assert first == (tmp_path / "b/fingerprint.json").read_bytes()
+    found = json.loads(first)
+    assert {"cpu", "gpu", "software", "digest"} <= set(found)
+    assert found["software"]["onnxruntime"] and found["software"]["torch"]
+
+
+def test_fingerprint_changes_with_any_field(monkeypatch):
+    cpu = fingerprint.cpu_info(CPUINFO)
+    assert cpu["model"] == "Example CPU @ 2.0GHz"
+    assert cpu["features"] == ["avx", "avx2", "avx512_vnni", "avx512f", "fma", "sse4_2"]  # not fpu/hypervisor
+    base = fingerprint.fingerprint()["digest"]
+    assert fingerprint.fingerprint()["digest"] == base
+    real_cpu = fingerprint.cpu_info
+    no_vnni = CPUINFO.replace(" avx512_vnni", "")
+    monkeypatch.setattr(fingerprint, "cpu_info", lambda: real_cpu(no_vnni))
+    other_cpu = fingerprint.fingerprint()["digest"]
+    monkeypatch.setattr(fingerprint, "cpu_info", lambda: real_cpu(CPUINFO))
+    with_cpu = fingerprint.fingerprint()["digest"]
+    assert other_cpu != with_cpu
+    real_gpu = fingerprint.gpu_info()
+    monkeypatch.setattr(fingerprint, "gpu_info", lambda: {**real_gpu, "driver": "999.1"})
+    assert fingerprint.fingerprint()["digest"] != with_cpu
+    real_sw = fingerprint.software_info()
+    monkeypatch.setattr(fingerprint, "gpu_info", lambda: real_gpu)
+    monkeypatch.setattr(fingerprint, "software_info", lambda: {**real_sw, "tensorrt": "10.9.0"})
+    assert fingerprint.fingerprint()["digest"] != with_cpu
+
+
+def test_fingerprint_ignore_leaves_a_field_out_and_names_unknown_ones(tmp_path, capsys):
+    assert run_fingerprint(tmp_path / "i", ["software.torch"]) == 0
+    found = json.loads((tmp_path / "i/fingerprint.json").read_text())
+    assert "torch" not in found["software"] and found["ignored"] == ["software.torch"]
+    assert run_fingerprint(tmp_path / "u", ["software.tensorflow"]) == 1
+    assert "fingerprint.ignore: unknown field 'software.tensorflow'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("build")
+    write_stage_inputs(root, heads=2)
+    (root / "data/06_prune").mkdir()
+    (root / "data/06_prune/student").symlink_to(root / "data/05_train/student")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"quantize": {"latency_runs": 10, "calibration_rows": 8, "max_length": 16}}))
+    d = root / "data"
+    argv = ["--params", str(params), "--in", str(d / "06_prune"), "--augment", str(d / "03_augment")]
+    assert quantize.main(argv + ["--clean", str(d / "02_clean"), "--out", str(d / "07_quantize")]) == 0
+    assert run_fingerprint(d / "00_fingerprint") == 0
+    return root
+
+
+def run_build(root: Path, out: str, code: int = 0, **params) -> dict | None:
+    section = {"latency_runs": 20, "max_length": 16, **params}
+    params_file = root / f"{out}.yaml"
+    params_file.write_text(yaml.safe_dump({"build": section, "quantize": {"per_channel": True}}))
+    d = root / "data"
+    argv = ["--params", str(params_file), "--in", str(d / "07_quantize"), "--clean", str(d / "02_clean")]
+    argv += ["--fingerprint", str(d / "00_fingerprint"), "--out", str(root / out)]
+    assert build.main(argv) == code
+    return json.loads((root / out / "manifest.json").read_text()) if code == 0 else None
+
+
+def test_fused_engines_match_the_unfused_models(quantized):
+    manifest = run_build(quantized, "a")
+    fp32, int8 = manifest["engines"]["onnxruntime_fp32"], manifest["engines"]["onnxruntime_int8"]
+    for engine in (fp32, int8):
+        assert engine["status"] == "built" and engine["parity"]["passed"]
+        assert (quantized / "a" / engine["file"]).is_file()
+        assert engine["latency_ms"]["p50"] > 0 and engine["unfused_latency_ms"]["p50"] > 0
+    assert fp32["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert int8["parity"]["agreement"] >= 0.99
+    assert fp32["fused_operators"].get("Attention") == 2  # both layers' attention fused
+    assert fp32["fused_operators"].get("SkipLayerNormalization", 0) >= 2
+    graph = onnx.load(str(quantized / "a/engines/onnxruntime_int8.onnx")).graph
+    assert "QAttention" in {n.op_type for n in graph.node}
+    options = json.loads((quantized / "a/engines/onnxruntime.json").read_text())
+    assert options["intra_op_num_threads"] == 2 and options["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert manifest["machine"] == json.loads((quantized / "data/00_fingerprint/fingerprint.json").read_text())["digest"]
+
+
+def test_fused_engine_files_are_deterministic(quantized):
+    run_build(quantized, "b", gpu=[])
+    run_build(quantized, "c", gpu=[])
+    for name in ("onnxruntime_fp32.onnx", "onnxruntime_int8.onnx"):
+        assert (quantized / "b/engines" / name).read_bytes() == (quantized / "c/engines" / name).read_bytes()
+
+
+def test_gpu_engines_are_recorded_as_skipped_with_the_reason(quantized):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: see test_tensorrt_engines_on_gpu")
+    manifest = run_build(quantized, "skipped", gpu=["tensorrt", "onnxruntime_cuda"])
+    engines = manifest["engines"]
+    for name in ("tensorrt_fp16", "tensorrt_int8", "onnxruntime_cuda_fp32"):
+        assert engines[name]["status"] == "skipped"
+        assert "no CUDA device" in engines[name]["reason"]
+    assert engines["onnxruntime_tensorrt_fp16"]["reason"] == "route 'onnxruntime_tensorrt' is not in build.gpu"
+    assert not list((quantized / "skipped/engines").glob("*.plan"))
+
+
+def test_require_gpu_fails_the_stage_where_gpu_engines_are_skipped(quantized, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run_build(quantized, "strict", code=1, require_gpu=True, gpu=["onnxruntime_cuda"])
+    assert "build: error: build.require_gpu: onnxruntime_cuda_fp32: skipped: no CUDA device" in capsys.readouterr().err
+    assert not [f for f in (quantized / "strict").rglob("*") if f.is_file()]  # nothing written
+
+
+def test_parity_failure_of_a_fused_engine_fails_naming_it(quantized, monkeypatch, capsys):
+    real = build.fuse_for_ort
+
+    def broken(src, dst):
+        stats = real(src, dst)
+        proto = onnx.load(str(dst))
+        head = next(t for t in proto.graph.initializer if "head" in t.name and "weight" in t.name)
+        head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * 1.05, head.name))
+        onnx.save(proto, str(dst))
+        return stats
+
+    monkeypatch.setattr(build, "fuse_for_ort", broken)
+    run_build(quantized, "broken", code=1, gpu=[])
+    err = capsys.readouterr().err
+    assert "build: error: parity: onnxruntime_fp32: max |logit difference|" in err and "against model.onnx" in err
+    assert not [f for f in (quantized / "broken").rglob("*") if f.is_file()]
+
+
+def test_bad_params_name_the_key(quantized, capsys):
+    run_build(quantized, "bad", code=1, gpu=["tensorrt", "cuda"])
+    assert "build.gpu: unknown route(s) ['cuda']" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_on_gpu(quantized):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("tensorrt")
+    manifest = run_build(quantized, "gpu", require_gpu=False, timing_cache=str(quantized / "timing.cache"))
+    engines = manifest["engines"]
+    for name in ("tensorrt_fp16", "tensorrt_int8"):
+        assert engines[name]["status"] == "built", engines[name]
+        assert engines[name]["parity"]["passed"]
+        assert engines[name]["profile"]["input_ids"]["max"] == [64, 64]
+        assert (quantized / "gpu" / engines[name]["file"]).stat().st_size > 0
+    assert (quantized / "timing.cache").stat().st_size > 0
+    for name in ("onnxruntime_tensorrt_fp16", "onnxruntime_cuda_fp32"):
+        engine = engines[name]
+        assert engine["status"] in ("built", "skipped"), engine
+        if engine["status"] == "built":
+            assert engine["providers"][0] != "CPUExecutionProvider"
