@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def read_gates(params_file: str | Path) -> Gates:
 # ---- variants ----------------------------------------------------------------------------------------
 
 
-class Variant:
+class Variant(ABC):
     """One model under test. `batch(texts)` prepares inputs (tokenizing, or vectorizing); `run_batch`
     runs the model alone on them and returns logits; `label(text)` goes from text to label id."""
 
@@ -124,8 +125,8 @@ class Variant:
     def batch(self, texts: list[str]) -> Any:
         return feeds(TokenizedTexts(self.tokenizer, texts, self.max_length).batch(range(len(texts))))
 
-    def run_batch(self, batch: Any) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def run_batch(self, batch: Any) -> np.ndarray: ...
 
     def label(self, text: str) -> int:
         return int(np.argmax(self.run_batch(self.batch([text]))[0]))
