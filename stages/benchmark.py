@@ -53,7 +53,7 @@ from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.encoder import TokenizedTexts, flops_per_token, load, load_tokenizer
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.metrics import accuracy, macro_f1, per_label_f1
-from stages.common.onnx_runtime import export_onnx, feeds, session
+from stages.common.onnx_runtime import export_onnx, feeds, quantize_dynamic_int8, session
 from stages.common.params import from_dict, load_section
 from stages.common.timing import percentiles, side_by_side, timed_calls
 
@@ -405,8 +405,6 @@ def write_plots(
 
 def collect_variants(args: Any, p: BenchmarkParams, train: pl.DataFrame, labels: dict[str, int], work: Path):
     """Every variant that exists, in table order, and the memory-probe specs of those that have a file."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     tokenizer = load_tokenizer(args.quantize / "tokenizer")
     teacher = TorchVariant("teacher_fp32", args.distill / "teacher", p)
     variants: list[Variant] = [teacher]
@@ -414,7 +412,7 @@ def collect_variants(args: Any, p: BenchmarkParams, train: pl.DataFrame, labels:
     teacher_onnx = work / "teacher.onnx"
     export_onnx(teacher.model, teacher.tokenizer, teacher_onnx, 18)
     teacher_int8 = work / "teacher_int8.onnx"
-    quantize_dynamic(str(teacher_onnx), str(teacher_int8), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic_int8(teacher_onnx, teacher_int8, per_channel=True)
     variants.append(
         OrtVariant("teacher_int8", teacher_int8, teacher.tokenizer, p, precision="int8", flops_model=teacher.model)
     )

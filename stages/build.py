@@ -46,11 +46,12 @@ from stages.common.encoder import TokenizedTexts, load_tokenizer
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.onnx_runtime import (
     INPUTS,
-    feeds,
+    batched_logits,
     fuse_for_ort,
     latency_ms,
     latency_side_by_side,
     ort_logits,
+    quantize_dynamic_int8,
     session,
     session_options_record,
     size_mb,
@@ -115,21 +116,6 @@ def judge(name: str, parity: dict[str, Any], tolerance: float | None, min_agreem
     if min_agreement is not None and not parity["agreement"] >= min_agreement:
         return f"{name}: agrees on {parity['agreement']:.2%} of predictions, below {min_agreement:.2%}"
     return None
-
-
-def quantize_fused_int8(src: Path, dst: Path, per_channel: bool) -> None:
-    """Dynamic INT8 of a fused graph: Attention becomes QAttention, MatMuls DynamicQuantizeMatMul."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-        # contrib ops (SkipLayerNormalization, ...) have no ONNX shape inference: their outputs are float
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
 
 
 def gpu_unavailable() -> str | None:
@@ -221,22 +207,6 @@ class TrtRunner:
         return out.cpu().numpy()
 
 
-def runner_logits(run: Any, texts: TokenizedTexts, batch_size: int) -> np.ndarray:
-    order = np.argsort(texts.lengths, kind="stable")
-    out = [run(feeds(texts.batch(order[i : i + batch_size]))) for i in range(0, len(texts), batch_size)]
-    return np.concatenate(out)[np.argsort(order, kind="stable")]
-
-
-def runner_latency(run: Any, texts: TokenizedTexts, runs: int) -> dict[str, float]:
-    """The same statistics as `latency_ms`, for any callable on feeds."""
-
-    class _Session:
-        def run(self, _names: list[str], one: dict[str, np.ndarray]) -> list[np.ndarray]:
-            return [run(one)]
-
-    return latency_ms(_Session(), texts, runs)
-
-
 # ---- the stage -------------------------------------------------------------------------------------
 
 
@@ -247,19 +217,20 @@ class Builder:
         self.quantized, self.folder, self.texts, self.p = quantized, folder, texts, p
         self.per_channel = per_channel
         self.engines: dict[str, dict[str, Any]] = {}
-        self.refs: dict[str, np.ndarray] = {}
+        self.refs: dict[str, tuple[Any, np.ndarray]] = {}
         self.failures: list[str] = []
 
-    def reference(self, path: Path) -> np.ndarray:
-        """ONNX Runtime CPU logits of an unfused model from `quantize` (computed once per file)."""
-        if path.name not in self.refs:
-            self.refs[path.name] = ort_logits(session(path, self.p.threads), self.texts)
-        return self.refs[path.name]
+    def reference(self, path: Path) -> tuple[Any, np.ndarray]:
+        """(ONNX Runtime CPU session, logits) of an unfused model from `quantize`, made once per file."""
+        if path not in self.refs:
+            sess = session(path, self.p.threads)
+            self.refs[path] = (sess, ort_logits(sess, self.texts))
+        return self.refs[path]
 
     def check(self, name: str, logits: np.ndarray, ref: Path, tolerance: float | None, agreement: float | None):
         """Parity of `logits` with ONNX Runtime on the CPU running `ref` (a file of quantize's); fails the
         stage naming the engine, the difference and the reference."""
-        parity = compare(logits, self.reference(ref))
+        parity = compare(logits, self.reference(ref)[1])
         parity["reference"] = ref.relative_to(self.quantized).as_posix()
         failure = judge(name, parity, tolerance, agreement)
         parity["passed"] = failure is None
@@ -280,14 +251,14 @@ class Builder:
             if precision == "fp32":
                 fused = fuse_for_ort(fp32_src, path)
             else:
-                quantize_fused_int8(self.folder / "onnxruntime_fp32.onnx", path, self.per_channel)
+                quantize_dynamic_int8(self.folder / "onnxruntime_fp32.onnx", path, self.per_channel, contrib_ops=True)
                 fused = self.engines["onnxruntime_fp32"]["fused_operators"]
             seconds = time.perf_counter() - start
             sess = session(path, p.threads)
             fp32 = precision == "fp32"
             bounds = (p.fp32_tolerance, None) if fp32 else (None, p.min_agreement)
             parity = self.check(name, ort_logits(sess, self.texts), ref, *bounds)
-            timed = latency_side_by_side({"ours": sess, "ref": session(ref, p.threads)}, self.texts, p.latency_runs)
+            timed = latency_side_by_side({"ours": sess, "ref": self.reference(ref)[0]}, self.texts, p.latency_runs)
             ours, theirs = timed["ours"], timed["ref"]
             self.engines[name] = {
                 "status": "built",
@@ -358,7 +329,7 @@ class Builder:
         runner = TrtRunner(plan)
         ref = self.quantized / "model.onnx" if precision == "fp16" else src
         tolerance = p.fp16_tolerance if precision == "fp16" else None
-        parity = self.check(name, runner_logits(runner.run, self.texts, 64), ref, tolerance, p.min_agreement)
+        parity = self.check(name, batched_logits(runner.run, self.texts), ref, tolerance, p.min_agreement)
         import tensorrt as trt
 
         self.engines[name] = {
@@ -375,7 +346,7 @@ class Builder:
             "timing_cache": p.timing_cache,
             "build_seconds": round(seconds, 3),
             "parity": parity,
-            "latency_ms": runner_latency(runner.run, self.texts, p.latency_runs),
+            "latency_ms": latency_ms(runner.run, self.texts, p.latency_runs),
         }
 
     def onnxruntime_gpu(self, name: str, route: str, precision: str) -> None:

@@ -34,7 +34,15 @@ from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.encoder import TextClassifier, TokenizedTexts, load
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.metrics import accuracy, macro_f1
-from stages.common.onnx_runtime import export_onnx, feeds, latency_ms, ort_logits, session, size_mb
+from stages.common.onnx_runtime import (
+    export_onnx,
+    feeds,
+    latency_ms,
+    ort_logits,
+    quantize_dynamic_int8,
+    session,
+    size_mb,
+)
 from stages.common.training import OptimParams
 
 VARIANTS = ("dynamic", "static")
@@ -108,12 +116,6 @@ class _Rows:
 
     def rewind(self) -> None:
         self.position = 0
-
-
-def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
 
 
 def quantize_static_int8(src: Path, dst: Path, texts: TokenizedTexts, rows: int, per_channel: bool) -> None:

@@ -204,15 +204,28 @@ def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: batch[name].numpy().astype(np.int64) for name in INPUTS}
 
 
-def ort_logits(sess: Any, texts: TokenizedTexts, batch_size: int = 64) -> np.ndarray:
-    """Logits for every text in order (batches sorted by length, as in `predict_logits`)."""
+def batched_logits(run: Any, texts: TokenizedTexts, batch_size: int = 64) -> np.ndarray:
+    """`run(feeds)` over every text, in order (batches sorted by length, as in `predict_logits`)."""
     order = np.argsort(texts.lengths, kind="stable")
-    out = []
-    for start in range(0, len(texts), batch_size):
-        out.append(sess.run(["logits"], feeds(texts.batch(order[start : start + batch_size])))[0])
+    out = [run(feeds(texts.batch(order[s : s + batch_size]))) for s in range(0, len(texts), batch_size)]
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(out)[np.argsort(order, kind="stable")]
+
+
+def ort_logits(sess: Any, texts: TokenizedTexts, batch_size: int = 64) -> np.ndarray:
+    """Logits of an ONNX Runtime session for every text, in order."""
+    return batched_logits(lambda one: sess.run(["logits"], one)[0], texts, batch_size)
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, contrib_ops: bool = False) -> None:
+    """ONNX Runtime dynamic INT8 (weights INT8, activations quantized on the fly). `contrib_ops`: the graph
+    holds fused com.microsoft operators, which have no ONNX shape inference (their outputs are float)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if contrib_ops else {}
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8, extra_options=extra)
 
 
 def _batch1(texts: TokenizedTexts) -> list[dict[str, np.ndarray]]:
@@ -220,16 +233,20 @@ def _batch1(texts: TokenizedTexts) -> list[dict[str, np.ndarray]]:
 
 
 def latency_ms(sess: Any, texts: TokenizedTexts, runs: int, warmup: int = 10) -> dict[str, float]:
-    """Model-only latency at batch 1 over real queries (cycled): p50/p95/p99 in milliseconds. Timings vary
-    from run to run and machine to machine."""
+    """Model-only latency at batch 1 over real queries (cycled) of a session (or any callable on feeds):
+    p50/p95/p99 in milliseconds. Timings vary from run to run and machine to machine."""
     return latency_side_by_side({"one": sess}, texts, runs, rounds=1, warmup=warmup)["one"]
 
 
 def latency_side_by_side(
     sessions: dict[str, Any], texts: TokenizedTexts, runs: int, rounds: int = 5, warmup: int = 10
 ) -> dict[str, dict[str, float]]:
-    """`latency_ms` of several sessions, measured in interleaved rounds over the same queries."""
-    fns = {name: (lambda one, s=sess: s.run(["logits"], one)) for name, sess in sessions.items()}
+    """`latency_ms` of several sessions (ONNX Runtime sessions, or any callable on feeds), measured in
+    interleaved rounds over the same queries."""
+    fns = {
+        name: sess if callable(sess) else (lambda one, s=sess: s.run(["logits"], one))
+        for name, sess in sessions.items()
+    }
     samples = side_by_side(fns, _batch1(texts), runs, rounds=rounds, warmup=warmup)
     return {name: percentiles(values) for name, values in samples.items()}
 
