@@ -6,7 +6,8 @@ Runs `dvc repro --single-item` stage by stage on a scratch copy of the project w
 pointed at ../shared/datasets/banking77 (label column `category`), times each stage, and prints one table:
 test accuracy, macro-F1, parameters, FLOPs per token, file size and model-only p50 latency at batch 1 in
 ONNX Runtime on 2 threads, with the targets of the distill/train and prune/quantize issues; then the fused
-engines `build` made and the `benchmark` stage's full table, with the targets of those issues. `--reuse DIR`
+engines `build` made, the `benchmark` stage's full table with the targets of those issues, and the version
+`publish` added with the time `flows.lineage verify` takes to re-hash it. `--reuse DIR`
 takes a folder a previous `--keep` left and runs only the stages whose outputs are missing there (its code
 is refreshed from this checkout first; its data and params are kept).
 """
@@ -31,7 +32,19 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import copy_project  # noqa: E402  (one way to copy the project, shared with the tests)
 
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
-STAGES = ("fingerprint", "ingest", "clean", "augment", "distill", "train", "prune", "quantize", "build", "benchmark")
+STAGES = (
+    "fingerprint",
+    "ingest",
+    "clean",
+    "augment",
+    "distill",
+    "train",
+    "prune",
+    "quantize",
+    "build",
+    "benchmark",
+    "publish",
+)
 DONE_WHEN = {  # a stage counts as done in a reused folder when this output exists
     "fingerprint": "data/00_fingerprint/fingerprint.json",
     "ingest": "data/01_ingest/train.parquet",
@@ -43,6 +56,7 @@ DONE_WHEN = {  # a stage counts as done in a reused folder when this output exis
     "quantize": "data/07_quantize/tokenizer/labels.json",
     "build": "data/08_build/manifest.json",
     "benchmark": "data/09_benchmark/metrics.json",
+    "publish": "data/10_publish/receipt.json",
 }
 
 
@@ -155,9 +169,27 @@ def main() -> int:
         build = json.loads((root / DONE_WHEN["build"]).read_text())
         bench = json.loads((root / DONE_WHEN["benchmark"]).read_text())
         table = (root / "data/09_benchmark/report.md").read_text()
+        audit = audit_published(root)
     report(m, onnx, times)
     report_engines(build, bench, table)
+    print(audit)
     return 0
+
+
+def audit_published(root: Path) -> str:
+    """What publish wrote, and the lineage audit of it (`verify`), timed."""
+    receipt = json.loads((root / DONE_WHEN["publish"]).read_text())
+    spec = f"{receipt['model']}@{receipt['version']}"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.lineage", "verify", spec], cwd=root, capture_output=True, text=True
+    )
+    took = time.perf_counter() - start
+    return (
+        f"\npublish: {receipt['status']} {spec} ({receipt['variant']}) -> {receipt['path']}, "
+        f"{len(receipt['files'])} files; verify {'OK' if proc.returncode == 0 else 'FAILED'} in {took:.1f} s: "
+        f"{(proc.stdout + proc.stderr).strip()}"
+    )
 
 
 def report_engines(build: dict, bench: dict, table: str) -> None:

@@ -25,6 +25,7 @@ from prefect.logging import get_run_logger
 from flows.dag import GraphError, inspect_pipeline, plan
 
 ARTIFACT_KEY = "distillery-pipeline"
+PUBLISH_ARTIFACT_KEY = "distillery-publish"
 
 
 class StageFailed(RuntimeError):
@@ -95,6 +96,32 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def publish_markdown(root: Path, receipts: tuple[str, ...]) -> str | None:
+    """The published version (publish's receipt) and the benchmark table it passed, as markdown; None
+    before anything was published."""
+    for rel in receipts:
+        path = root / rel
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text(encoding="utf-8"))
+        gates = ", ".join(f"{k} {g['measured']} (limit {g['limit']})" for k, g in sorted(r.get("gates", {}).items()))
+        report = root / r.get("benchmark_report", "")
+        table = report.read_text(encoding="utf-8") if report.is_file() else "(benchmark report not found)"
+        return "\n".join(
+            [
+                f"# {r['model']} {r['version']} ({r['status']})",
+                "",
+                f"- registry: `{r['path']}`; variant `{r['variant']}`; content sha256 `{r['content_digest']}`",
+                f"- gates passed: {gates}",
+                f"- git tag: `{r['tag']}`" if r.get("tag") else "- git tag: none (publish.tag: false)",
+                f"- audit: `python -m flows.lineage show {r['model']}@{r['version']}` / `verify`",
+                "",
+                table.replace("# Benchmark", "## Benchmark", 1),
+            ]
+        )
+    return None
+
+
 @flow(name="distillery-pipeline")
 def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> list[dict[str, Any]]:
     """Run the DVC pipeline in `root` stage by stage; returns one row per stage (ran, unchanged,
@@ -141,6 +168,13 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
         markdown="# distillery pipeline run\n\n" + table,
         description="Each stage of the DVC pipeline: ran, unchanged, skipped or failed.",
     )
+    published = publish_markdown(base, graph.metrics.get("publish", ()))
+    if published is not None and "publish" in scope:
+        create_markdown_artifact(
+            key=PUBLISH_ARTIFACT_KEY,
+            markdown=published,
+            description="The published model version and the benchmark table it passed.",
+        )
     failed = [r for r in result if r["status"] == "failed"]
     if failed:
         # Fail the flow run itself, so Prefect's run history and notifications show it.

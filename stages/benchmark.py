@@ -23,9 +23,10 @@ For each variant:
   the large square of the variant's precision.
 Latencies are measured in interleaved rounds, so load drift falls on all variants alike.
 
-The gates (`publish.gates`) are checked for every publishable variant. The student's ONNX files and
-engines are publishable; teacher and TF-IDF are baselines. `candidate` is the fastest publishable variant
-(end-to-end p50) that passes all of them, or null.
+The gates (`publish.gates`) are checked for every publishable variant: quantize's two ONNX files and
+every engine, the files publish can ship (each row names its file and SHA-256). Teacher and TF-IDF are
+baselines; `student_fp32` (the unpruned student, exported here into a temporary folder) is a reference.
+`candidate` is the fastest publishable variant (end-to-end p50) that passes all of them, or null.
 
 Outputs: `metrics.json`, `report.md`, `plots/{pareto,latency}.csv` (DVC plots) and `png/` (accuracy
 against latency with the Pareto front; latency distribution). Accuracy figures are deterministic; every
@@ -52,12 +53,11 @@ from stages.common.atomic import outputs
 from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.encoder import TokenizedTexts, flops_per_token, load, load_tokenizer
 from stages.common.errors import StageError, stage_entrypoint
+from stages.common.gates import read_gates
+from stages.common.hashing import sha256_file
 from stages.common.metrics import accuracy, macro_f1, per_label_f1
 from stages.common.onnx_runtime import export_onnx, feeds, quantize_dynamic_int8, session
-from stages.common.params import from_dict, load_section
 from stages.common.timing import percentiles, side_by_side, timed_calls
-
-BASELINES = ("teacher_fp32", "teacher_int8", "tfidf_logreg")
 
 
 @dataclass(frozen=True)
@@ -80,33 +80,6 @@ class BenchmarkParams:
             raise ValueError(f"benchmark.tfidf_c must be > 0, got {self.tfidf_c}")
 
 
-@dataclass(frozen=True)
-class Gates:
-    min_accuracy: float = 0.0  # test accuracy (fraction)
-    max_drop_vs_teacher: float = 100.0  # points of test accuracy below teacher_fp32
-    max_p95_ms: float = 1e9  # end-to-end p95 latency at batch 1, milliseconds
-    max_size_mb: float = 1e9  # model file size
-
-    def check(self, row: dict[str, Any], teacher_accuracy: float) -> dict[str, dict[str, Any]]:
-        drop = round(100 * (teacher_accuracy - row["accuracy"]), 4)
-        measured = {
-            "min_accuracy": (row["accuracy"], row["accuracy"] >= self.min_accuracy, self.min_accuracy),
-            "max_drop_vs_teacher": (drop, drop <= self.max_drop_vs_teacher, self.max_drop_vs_teacher),
-            "max_p95_ms": (
-                row["latency_ms"]["end_to_end"]["p95"],
-                row["latency_ms"]["end_to_end"]["p95"] <= self.max_p95_ms,
-                self.max_p95_ms,
-            ),
-            "max_size_mb": (row["size_mb"], row["size_mb"] <= self.max_size_mb, self.max_size_mb),
-        }
-        return {k: {"measured": v, "passed": bool(ok), "limit": lim} for k, (v, ok, lim) in measured.items()}
-
-
-def read_gates(params_file: str | Path) -> Gates:
-    section = load_section("publish", params_file)
-    return from_dict(Gates, section.get("gates") or {}, "publish.gates")
-
-
 # ---- variants ----------------------------------------------------------------------------------------
 
 
@@ -121,6 +94,7 @@ class Variant(ABC):
     tokenizer: Any = None
     flops_model: Any = None  # a TextClassifier with the variant's shapes, for FLOPs per token
     max_length: int = 64
+    artifact: Path | None = None  # the file publish would ship: set only for a file in a stage's outputs
 
     def batch(self, texts: list[str]) -> Any:
         return feeds(TokenizedTexts(self.tokenizer, texts, self.max_length).batch(range(len(texts))))
@@ -428,6 +402,7 @@ def collect_variants(args: Any, p: BenchmarkParams, train: pl.DataFrame, labels:
             "student_int8", args.quantize / "model.int8.onnx", tokenizer, p, precision="int8", flops_model=pruned
         )
     )
+    first_published = len(variants) - 2  # the two quantize files and every engine below
     manifest = json.loads((args.build / "manifest.json").read_text(encoding="utf-8"))
     skipped = {}
     for name, engine in sorted(manifest["engines"].items()):
@@ -467,6 +442,8 @@ def collect_variants(args: Any, p: BenchmarkParams, train: pl.DataFrame, labels:
                 )
         except (StageError, ImportError, RuntimeError) as exc:
             skipped[name] = f"could not load here: {exc}"
+    for v in variants[first_published:]:
+        v.artifact = v.files[0]
     probes = {}
     for v in variants:
         if isinstance(v, TorchVariant):
@@ -540,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                 peak_fraction=round(achieved / 1e9 / peak, 4) if (v.flops_model is not None and peak) else None,
                 peak_memory_mb=memory.get(v.name, {}).get("peak_mb"),
                 model_memory_mb=memory.get(v.name, {}).get("model_mb"),
-                publishable=v.name not in BASELINES,
+                publishable=v.artifact is not None,
             )
+            if v.artifact is not None:
+                rows[v.name].update(file=v.artifact.as_posix(), sha256=sha256_file(v.artifact))
     teacher_acc = rows["teacher_fp32"]["accuracy"]
     for row in rows.values():
         if row["publishable"]:
@@ -557,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         "not_measured": skipped,
         "test_rows": len(test_texts),
         "threads": p.threads,
+        "max_length": p.max_length,
         "timings": "latency, throughput, memory and efficiency figures are timings: they vary between runs",
     }
     table = report_table(rows, candidate)

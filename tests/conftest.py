@@ -39,6 +39,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     "09_*",
     "10_*",
     "registry",
+    "lineage",
     "out",
 )
 

@@ -12,7 +12,7 @@ from tests.conftest import copy_project, dvc, pending
 def test_repro_then_clean_status_then_only_downstream_of_a_param_change(tmp_path):
     root = copy_project(tmp_path / "project", quick_benchmark=True)
     first = dvc(root, "repro")
-    for stage in ("fingerprint", "ingest", "clean", "augment", "distill", "train", "build", "benchmark"):
+    for stage in ("fingerprint", "ingest", "clean", "augment", "distill", "train", "build", "benchmark", "publish"):
         assert f"Running stage '{stage}'" in first.stdout
     for rel in (
         "data/01_ingest/train.parquet",

@@ -15,6 +15,18 @@ GRAPH = StageGraph(
 )
 
 
+def latest_artifact(key: str) -> str:
+    """The newest artifact's markdown under `key`, read through Prefect's REST API (`Artifact.get` of
+    prefect 3.8 sends nulls this server version rejects with a 422)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "UPDATED_DESC", "limit": 1, "offset": 0}
+    found = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body, timeout=30).raise_for_status().json()
+    assert found, f"no artifact {key!r}"
+    return found[0]["data"]
+
+
 def test_plan_runs_changed_stages_and_everything_downstream():
     assert plan(GRAPH, set()) == []
     assert plan(GRAPH, {"clean"}) == ["clean", "augment", "report"]
@@ -44,9 +56,11 @@ def test_flow_runs_the_stages_then_skips_them_all(tmp_path, prefect_harness):
     root = copy_project(tmp_path / "project", quick_benchmark=True)
     first = pipeline(root=str(root))
     assert [(r["stage"], r["status"]) for r in first] == [(s, "ran") for s in stages]
+    assert (root / "registry/distillery-intent/1.0.0/SHA256SUMS").is_file()
+    assert "# distillery-intent 1.0.0 (published)" in latest_artifact("distillery-publish")
     second = pipeline(root=str(root))
     # DVC always runs the machine fingerprint; it writes the same bytes, so what depends on it is unchanged.
-    after = {"fingerprint": "ran", "build": "unchanged", "benchmark": "unchanged"}
+    after = {"fingerprint": "ran", "build": "unchanged", "benchmark": "unchanged", "publish": "unchanged"}
     assert [(r["stage"], r["status"]) for r in second] == [(s, after.get(s, "skipped")) for s in stages]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.benchmark import Gates, pareto_front, quality
+from stages.benchmark import pareto_front, quality
+from stages.common.gates import Gates
 
 
 def row(acc: float, p50: float, p95: float = 1.0, size: float = 1.0) -> dict:

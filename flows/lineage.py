@@ -1,0 +1,320 @@
+"""The lineage audit of a published model: `show` the chain back to the raw source, `verify` the bytes.
+
+    python -m flows.lineage show <model>[@<version>]
+    python -m flows.lineage verify <model>[@<version>]
+
+Without `@<version>` the latest version in the registry is used. The registry is `publish.registry` of
+params.yaml (or `--registry`).
+
+`show` prints, from the published files back to the raw source, each stage on the way: its command, the
+params it tracks, each input with its hash and the stage that made it, and its outputs' hashes (all from
+the version's `lineage.json`, i.e. dvc.lock as it was at publish time).
+
+`verify` re-hashes every published file against `SHA256SUMS` (a file missing, changed or not listed is a
+mismatch), then every upstream output and input named in `lineage.json`: from the DVC cache where it holds
+it (a file object must hash to its recorded MD5, a folder's listing object too, and each file the listing
+names), else from the lineage's git commit (code, committed data) unless the file was uncommitted then. It
+exits 1 naming the first mismatch, 0 when everything it could find matches, and says what it could not
+check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+SUMS = "SHA256SUMS"
+
+
+class AuditError(Exception):
+    """The version cannot be audited (not found, malformed); exit code 2."""
+
+
+class Mismatch(Exception):
+    """A hash that does not match its record; exit code 1."""
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def registry_of(root: Path, registry: str | None) -> Path:
+    if registry is None:
+        params = root / "params.yaml"
+        doc = yaml.safe_load(params.read_text(encoding="utf-8")) if params.is_file() else {}
+        registry = ((doc or {}).get("publish") or {}).get("registry") or "registry"
+    return root / registry
+
+
+def resolve(registry: Path, spec: str) -> Path:
+    """`model` or `model@version` (also `model@vX.Y.Z`, as git tags write it) to the version folder."""
+    model, _, version = spec.partition("@")
+    version = version.removeprefix("v")
+    if not model or "/" in model or ".." in model:
+        raise AuditError(f"{spec!r}: not a model name")
+    if version and ("/" in version or ".." in version or not VERSION.match(version)):
+        raise AuditError(f"{spec!r}: {version!r} is not a version x.y.z (a path separator or '..' is refused)")
+    model_dir = registry / model
+    versions = sorted(
+        (d.name for d in model_dir.iterdir() if VERSION.match(d.name) and (d / SUMS).is_file())
+        if model_dir.is_dir()
+        else [],
+        key=lambda v: tuple(int(x) for x in v.split(".")),
+    )
+    if not versions:
+        raise AuditError(f"{model_dir}: no published version of {model}")
+    if not version:
+        return model_dir / versions[-1]
+    if version not in versions:
+        raise AuditError(f"{model}@{version}: not in {model_dir} (versions: {', '.join(versions)})")
+    return model_dir / version
+
+
+def read_lineage(folder: Path) -> dict[str, Any]:
+    path = folder / "lineage.json"
+    if not path.is_file():
+        raise AuditError(f"{path}: not found")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---- show ---------------------------------------------------------------------------------------------
+
+
+def producers(lineage: dict[str, Any]) -> list[tuple[str, str]]:
+    """(out path, stage) for every output in the lineage, folders included."""
+    return [(o["path"], s["name"]) for s in lineage["stages"] for o in s.get("outs") or []]
+
+
+def producer_of(outs: list[tuple[str, str]], path: str) -> str | None:
+    for out, stage in outs:
+        if path == out or path.startswith(out.rstrip("/") + "/"):
+            return stage
+    return None
+
+
+def flat_params(params: dict[str, Any]) -> list[str]:
+    """`section.key=value` for every tracked param of a lock entry."""
+    found = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            found.append(f"{prefix}={json.dumps(value)}")
+
+    for _file, values in (params or {}).items():
+        walk("", values)
+    return found
+
+
+def short(md5: str | None) -> str:
+    return "-" if not md5 else (md5[:12] + (".dir" if md5.endswith(".dir") else ""))
+
+
+def show(folder: Path) -> str:
+    lineage = read_lineage(folder)
+    outs = producers(lineage)
+    stages = {s["name"]: s for s in lineage["stages"]}
+    git = lineage.get("git", {})
+    lines = [
+        f"{lineage['model']}@{lineage['version']}  {folder}",
+        f"  variant {lineage['variant']}, content sha256 {lineage['content_digest']}",
+        f"  published {lineage.get('published_utc')} from git {git.get('commit') or 'none'}"
+        + (f" (uncommitted: {', '.join(git.get('modified') or [])})" if git.get("modified") else ""),
+        f"  machine {lineage.get('fingerprint', {}).get('cpu', {}).get('model', '?')}, "
+        f"fingerprint {str(lineage.get('fingerprint', {}).get('digest', '?'))[:12]}",
+        "  files:",
+        *[f"    {name}  sha256 {digest[:16]}" for name, digest in sorted(lineage["files"].items())],
+        "",
+        "publish",
+        "  params   " + ", ".join(flat_params({"params.yaml": {"publish": lineage["publish"]["params"]}})),
+        f"  model    {lineage['published_from']['file']}  sha256 {lineage['published_from']['sha256'][:16]}",
+    ]
+    queue: list[str] = []
+    for r in lineage["publish"]["reads"]:
+        within = "" if r["path"] == r["out"] else f" (in {r['out']})"
+        lines.append(f"  reads    {r['path']}{within}  md5 {short(r['md5'])}  <- {r['stage']}")
+        if r["stage"] not in queue:
+            queue.append(r["stage"])
+    seen: list[str] = []
+    while queue:
+        name = queue.pop(0)
+        if name in seen or name not in stages:
+            continue
+        seen.append(name)
+        entry = stages[name]
+        lines += ["", name, f"  cmd      {entry.get('cmd', '')}"]
+        params = flat_params(entry.get("params") or {})
+        if params:
+            wrapped = textwrap.wrap(", ".join(params), 100)
+            lines += [f"  params   {wrapped[0]}", *(f"           {w}" for w in wrapped[1:])]
+        code = [d for d in entry.get("deps") or [] if d["path"].endswith(".py")]
+        for dep in entry.get("deps") or []:
+            if dep["path"].endswith(".py"):
+                continue
+            up = producer_of(outs, dep["path"])
+            source = f"<- {up}" if up else "(source)"
+            lines.append(f"  input    {dep['path']}  md5 {short(dep.get('md5'))}  {source}")
+            if up and up not in seen and up not in queue:
+                queue.append(up)
+        if code:
+            lines.append(
+                f"  code     {len(code)} files: " + ", ".join(f"{d['path']} {short(d['md5'])[:8]}" for d in code)
+            )
+        for out in entry.get("outs") or []:
+            extra = f" ({out['nfiles']} files)" if out.get("nfiles") else ""
+            lines.append(f"  output   {out['path']}  md5 {short(out.get('md5'))}{extra}")
+    rest = [s for s in stages if s not in seen]
+    if rest:
+        lines += ["", "not on the chain of the published files: " + ", ".join(rest)]
+    lines += ["", "raw source"]
+    for s in lineage.get("sources") or []:
+        lines.append(f"  {s.get('role')}  {s.get('uri')}  sha256 {s.get('sha256')}  ({s.get('rows')} rows)")
+    return "\n".join(lines)
+
+
+# ---- verify -------------------------------------------------------------------------------------------
+
+
+def verify_published(folder: Path) -> int:
+    sums_file = folder / SUMS
+    if not sums_file.is_file():
+        raise Mismatch(f"{sums_file}: missing")
+    listed = {}
+    for line in sums_file.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    for name, digest in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise Mismatch(f"{path}: listed in {SUMS} but missing")
+        actual = file_digest(path, "sha256")
+        if actual != digest:
+            raise Mismatch(f"{path}: sha256 {actual}, {SUMS} records {digest}")
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name != SUMS and name not in listed:
+            raise Mismatch(f"{path}: not listed in {SUMS}")
+    return len(listed)
+
+
+def cache_dir(root: Path) -> Path:
+    """Where this repository's DVC cache keeps MD5 objects (honours `cache.dir` in .dvc/config)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return Path(repo.cache.local.path)
+
+
+def git_blob_md5(root: Path, commit: str, path: str) -> str | None:
+    """MD5 of `path` as committed in `commit`, or None when git does not have it there."""
+    import subprocess
+
+    proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
+    return hashlib.md5(proc.stdout).hexdigest() if proc.returncode == 0 else None
+
+
+def verify_upstream(lineage: dict[str, Any], cache: Path, root: Path) -> dict[str, Any]:
+    """Re-hash every recorded output and input: from the DVC cache where it holds them, else from the git
+    commit of the lineage (code, the demo data) unless the file was uncommitted at publish time."""
+    counts: dict[str, Any] = {"cache": 0, "git": 0, "absent": []}
+    git = lineage.get("git") or {}
+    uncommitted = set(git.get("modified") or [])
+    done = set()
+    records = [
+        (item, s["name"])
+        for s in lineage["stages"]
+        for item in (s.get("outs") or []) + (s.get("deps") or [])
+        if item.get("md5")
+    ]
+    for item, stage in records:
+        key = (item["path"], item["md5"])
+        if key in done:
+            continue
+        done.add(key)
+        md5 = item["md5"]
+        where = f"{item['path']} (stage {stage})"
+        obj = cache / md5[:2] / md5[2:]
+        if not obj.is_file():
+            committed = (
+                git_blob_md5(root, git["commit"], item["path"])
+                if git.get("commit") and item["path"] not in uncommitted and not md5.endswith(".dir")
+                else None
+            )
+            if committed is None:
+                counts["absent"].append(item["path"])
+            elif committed != md5:
+                raise Mismatch(
+                    f"{where}: at git commit {git['commit'][:12]} hashes to {committed}, lineage records {md5}"
+                )
+            else:
+                counts["git"] += 1
+            continue
+        actual = file_digest(obj, "md5")
+        if actual != md5.removesuffix(".dir"):
+            raise Mismatch(f"{where}: DVC cache object {obj} hashes to {actual}, lineage records {md5}")
+        counts["cache"] += 1
+        if md5.endswith(".dir"):
+            for entry in json.loads(obj.read_text(encoding="utf-8")):
+                part = cache / entry["md5"][:2] / entry["md5"][2:]
+                if not part.is_file():
+                    continue
+                got = file_digest(part, "md5")
+                if got != entry["md5"]:
+                    raise Mismatch(
+                        f"{item['path']}/{entry['relpath']} (stage {stage}): DVC cache object {part} hashes to "
+                        f"{got}, the listing of {md5} records {entry['md5']}"
+                    )
+                counts["cache"] += 1
+    counts["absent"] = sorted(set(counts["absent"]))
+    return counts
+
+
+def verify(root: Path, folder: Path) -> str:
+    published = verify_published(folder)
+    lineage = read_lineage(folder)  # intact: SHA256SUMS covers it
+    counts = verify_upstream(lineage, cache_dir(root), root)
+    absent = counts["absent"]
+    note = f"; not checked (neither in the DVC cache nor committed): {', '.join(absent)}" if absent else ""
+    return (
+        f"verify: {lineage['model']}@{lineage['version']} OK: {published} published files match {SUMS}; "
+        f"{counts['cache']} DVC cache objects and {counts['git']} committed files of the upstream stages match "
+        f"lineage.json{note}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.lineage", description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("show", "verify"))
+    ap.add_argument("model", help="<model> or <model>@<version> (latest version without one)")
+    ap.add_argument("--root", type=Path, default=Path("."), help="the repository (default: current folder)")
+    ap.add_argument("--registry", help="the registry folder (default: publish.registry of params.yaml)")
+    args = ap.parse_args(argv)
+    try:
+        folder = resolve(registry_of(args.root, args.registry), args.model)
+        print(show(folder) if args.command == "show" else verify(args.root, folder))
+    except AuditError as exc:
+        print(f"lineage: error: {exc}", file=sys.stderr)
+        return 2
+    except Mismatch as exc:
+        print(f"verify: FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""Stage `publish`, the lineage audit (`flows.lineage show/verify`) and OpenLineage events, on one copy of
+the project that ran the whole pipeline through DVC. Tests that change the copy put it back; the last
+test moves it to a second version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from flows.lineage import AuditError, resolve
+from flows.lineage import main as lineage_main
+from flows.pipeline import publish_markdown
+from stages.publish import PublishParams, check_version
+from tests.conftest import copy_project, dvc
+
+MODEL = "distillery-intent"
+
+
+def git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("publish") / "project", quick_benchmark=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "pipeline")
+    out = dvc(root, "repro")
+    assert "Running stage 'publish'" in out.stdout
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder` with its bytes and mode: a byte-for-byte picture of the registry."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def receipt(root: Path) -> dict:
+    return json.loads((root / "data/10_publish/receipt.json").read_text())
+
+
+def run_publish(root: Path) -> subprocess.CompletedProcess[str]:
+    """The publish command of dvc.yaml, run as DVC runs it (DVC_ROOT and DVC_STAGE set)."""
+    cmd = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["publish"]["cmd"]
+    env = {**os.environ, "DVC_ROOT": str(root), "DVC_STAGE": "publish"}
+    return subprocess.run([sys.executable, *shlex.split(cmd)[1:]], cwd=root, env=env, capture_output=True, text=True)
+
+
+def set_params(root: Path, section: str, **values) -> dict:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def lineage_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = lineage_main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
+    r = receipt(project)
+    assert (r["status"], r["version"], r["path"]) == ("published", "1.0.0", f"registry/{MODEL}/1.0.0")
+    folder = project / r["path"]
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {
+        "model.onnx",
+        "runtime.json",
+        "labels.json",
+        "model_card.md",
+        "lineage.json",
+        "SHA256SUMS",
+        "tokenizer/tokenizer.json",
+    } <= names
+    assert all(not (folder / n).stat().st_mode & 0o222 for n in names), "published files are read-only"
+    sums = (folder / "SHA256SUMS").read_text()
+    assert len(sums.splitlines()) == len(names) - 1 and "  model.onnx\n" in sums
+
+    lineage = json.loads((folder / "lineage.json").read_text())
+    stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert [s["name"] for s in lineage["stages"]] == [s for s in stages if s != "publish"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for s in lineage["stages"]:
+        assert s["outs"] == lock[s["name"]]["outs"] and s["params"] == lock[s["name"]]["params"]
+    assert lineage["git"]["commit"] == git(project, "rev-parse", "HEAD").stdout.strip()
+    ingest = json.loads((project / "data/01_ingest/ingest.json").read_text())
+    assert lineage["sources"] == ingest["sources"]
+    assert lineage["fingerprint"] == json.loads((project / "data/00_fingerprint/fingerprint.json").read_text())
+    bench = json.loads((project / "data/09_benchmark/metrics.json").read_text())
+    assert lineage["variant"] == r["variant"] == bench["candidate"]
+
+    card = (folder / "model_card.md").read_text()
+    for part in (
+        "## Intended use",
+        "## Data",
+        "## Metrics",
+        "## Limitations",
+        "## How to load it",
+        "teacher_fp32",
+        "tfidf_logreg",
+        ingest["sources"][0]["sha256"],
+    ):
+        assert part in card, part
+
+    # The published files alone classify text: the card's recipe on the test rows.
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    labels = json.loads((folder / "labels.json").read_text())
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    test = pl.read_parquet(project / "data/02_clean/test.parquet")
+    enc = tok(test["text"].to_list(), truncation=True, max_length=64, padding=True, return_tensors="np")
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}
+    pred = sess.run(["logits"], feeds)[0].argmax(-1)
+    acc = float(np.mean(pred == np.array([labels[x] for x in test["label"]])))
+    assert abs(acc - bench["variants"][r["variant"]]["accuracy"]) < 0.02
+
+
+def test_publishing_identical_content_again_reports_the_existing_version(project):
+    before = snapshot(project / "registry")
+    again = dvc(project, "repro", "--force", "--single-item", "publish")
+    assert "registry unchanged" in again.stdout + again.stderr
+    r = receipt(project)
+    assert (r["status"], r["version"]) == ("existing", "1.0.0")
+    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == ["1.0.0"]
+    assert snapshot(project / "registry") == before
+
+
+def test_a_failed_gate_exits_naming_it_and_leaves_the_registry_as_it_was(project):
+    before = snapshot(project / "registry")
+    saved = (project / "params.yaml").read_text()
+    try:
+        gates = yaml.safe_load(saved)["publish"]["gates"]
+        set_params(project, "publish", gates={**gates, "max_size_mb": 0.01})
+        proc = run_publish(project)
+    finally:
+        (project / "params.yaml").write_text(saved)
+    assert proc.returncode == 1
+    assert "publish: error: no variant passes publish.gates, registry untouched" in proc.stderr
+    assert "max_size_mb measured" in proc.stderr and "(limit 0.01)" in proc.stderr
+    assert snapshot(project / "registry") == before
+    assert [p.name for p in (project / "registry" / MODEL).iterdir()] == ["1.0.0"]  # no temporary left
+    # The failed run is in the OpenLineage log as a FAIL event carrying the message.
+    events = [json.loads(x) for x in (project / "lineage/openlineage.jsonl").read_text().splitlines()]
+    last = [e for e in events if e["job"]["name"] == "publish"][-2:]
+    assert [e["eventType"] for e in last] == ["START", "FAIL"] and last[0]["run"]["runId"] == last[1]["run"]["runId"]
+    assert "max_size_mb" in last[1]["run"]["facets"]["errorMessage"]["message"]
+
+
+def test_version_names_with_dots_or_slashes_are_refused(tmp_path):
+    for bad in ("../1.0.0", "1.0.0/..", "a/b", "1.0", "v1.0.0"):
+        with pytest.raises(ValueError, match="publish.version"):
+            PublishParams(version=bad)
+    assert check_version("2.10.0") == "2.10.0"
+    for spec in (f"{MODEL}@../1.0.0", f"{MODEL}@1.0/0", "../x@1.0.0"):
+        with pytest.raises(AuditError):
+            resolve(tmp_path, spec)
+
+
+def test_show_prints_the_chain_through_every_stage_to_the_raw_source(project, capsys):
+    code, out, _ = lineage_cli(capsys, "show", MODEL, "--root", str(project))
+    assert code == 0
+    lines = out.splitlines()
+    for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
+        assert stage in lines, f"stage {stage} missing from show"
+    assert "not on the chain" not in out
+    ingest = json.loads((project / "data/01_ingest/ingest.json").read_text())
+    assert ingest["sources"][0]["sha256"] in out
+    assert "input    data/07_quantize/tokenizer" in out and "<- quantize" in out
+    md = publish_markdown(project, ("data/10_publish/receipt.json",))
+    assert md is not None and f"# {MODEL} 1.0.0" in md and "| variant |" in md
+
+
+def test_verify_names_a_flipped_byte_in_a_published_file_or_an_upstream_cache_object(project, capsys):
+    assert lineage_cli(capsys, "verify", f"{MODEL}@1.0.0", "--root", str(project))[0] == 0
+
+    def flipped(path: Path) -> tuple[int, str]:
+        data = path.read_bytes()
+        mode = path.stat().st_mode
+        path.chmod(0o644)
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+        try:
+            code, _, err = lineage_cli(capsys, "verify", MODEL, "--root", str(project))
+        finally:
+            path.write_bytes(data)
+            path.chmod(mode)
+        return code, err
+
+    code, err = flipped(project / "registry" / MODEL / "1.0.0" / "model.onnx")
+    assert code == 1 and "model.onnx: sha256" in err
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    md5 = next(o["md5"] for o in lock["quantize"]["outs"] if o["path"] == "data/07_quantize/model.int8.onnx")
+    code, err = flipped(project / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
+    assert code == 1 and "data/07_quantize/model.int8.onnx (stage quantize)" in err
+    listing = next(o["md5"] for o in lock["build"]["outs"] if o["path"] == "data/08_build/engines")
+    entry = next(
+        e
+        for e in json.loads((project / ".dvc/cache/files/md5" / listing[:2] / listing[2:]).read_text())
+        if e["relpath"].endswith(".onnx")
+    )
+    code, err = flipped(project / ".dvc/cache/files/md5" / entry["md5"][:2] / entry["md5"][2:])
+    assert code == 1 and f"data/08_build/engines/{entry['relpath']} (stage build)" in err
+    assert lineage_cli(capsys, "verify", MODEL, "--root", str(project))[0] == 0
+
+
+def test_every_stage_run_emitted_openlineage_events_versioned_by_dvc_hashes(project):
+    events = [json.loads(x) for x in (project / "lineage/openlineage.jsonl").read_text().splitlines()]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
+        runs = [e for e in events if e["job"]["name"] == stage]
+        done = [e for e in runs if e["eventType"] == "COMPLETE"]
+        assert done, f"no COMPLETE event for {stage}"
+        starts = {e["run"]["runId"] for e in runs if e["eventType"] == "START"}
+        assert done[-1]["run"]["runId"] in starts
+        outputs = {d["name"]: d["facets"]["version"]["datasetVersion"] for d in done[-1]["outputs"]}
+        for out in lock[stage]["outs"]:
+            assert outputs[out["path"]] == out["md5"], (stage, out["path"])
+        assert all(not d["name"].endswith(".py") for d in done[-1]["inputs"])
+
+
+def test_new_content_gets_a_new_version_an_existing_one_is_never_overwritten_and_tags(project):
+    first = snapshot(project / "registry" / MODEL / "1.0.0")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    set_params(project, "quantize", per_channel=not params["quantize"]["per_channel"])
+    # A size gate only INT8 files pass, so that the candidate is a file the quantize change rewrites.
+    rows = json.loads((project / "data/09_benchmark/metrics.json").read_text())["variants"]
+    int8 = max(r["size_mb"] for r in rows.values() if r["publishable"] and r["precision"] == "int8")
+    fp32 = min(r["size_mb"] for r in rows.values() if r["publishable"] and r["precision"] == "fp32")
+    assert 1.5 * int8 < fp32
+    gates = {**params["publish"]["gates"], "max_size_mb": 1.5 * int8}
+    # New content under an explicit version that exists: refused, naming it; nothing is written.
+    set_params(project, "publish", version="1.0.0", gates=gates)
+    refused = dvc(project, "repro", check=False)
+    assert refused.returncode != 0 and "exists with other content" in refused.stdout + refused.stderr
+    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == ["1.0.0"]
+    # The next major version, tagged.
+    set_params(project, "publish", version="auto", tag=True)
+    git(project, "commit", "-q", "-am", "per-tensor INT8")
+    dvc(project, "repro")
+    r = receipt(project)
+    assert (r["status"], r["version"], r["tag"]) == ("published", "2.0.0", f"{MODEL}@v2.0.0")
+    assert snapshot(project / "registry" / MODEL / "1.0.0") == first
+    assert git(project, "cat-file", "-t", f"{MODEL}@v2.0.0").stdout.strip() == "tag"  # annotated, as GTO reads
+    assert "Stage 'publish' didn't change, skipping" in dvc(project, "repro", "publish").stdout
