@@ -293,7 +293,13 @@ def model_card(ctx: dict[str, Any]) -> str:
             f'folder = "{ctx["registry"]}/{ctx["model"]}/{ctx["version"]}"  # this folder',
             'tok = AutoTokenizer.from_pretrained(f"{folder}/tokenizer")',
             'names = {i: n for n, i in json.load(open(f"{folder}/labels.json")).items()}',
-            f'sess = ort.InferenceSession(f"{{folder}}/{model_file}", providers=["CPUExecutionProvider"])',
+            'rt = json.load(open(f"{folder}/runtime.json"))  # the session options the benchmark measured',
+            "opts = ort.SessionOptions()",
+            'opts.intra_op_num_threads = rt["session_options"]["intra_op_num_threads"]',
+            "sess = ort.InferenceSession(",
+            f'    f"{{folder}}/{model_file}", opts, providers=rt["providers"],',
+            '    disabled_optimizers=rt["session_options"].get("disabled_optimizers", []),',
+            ")",
             f'enc = tok(["where is my order?"], truncation=True, max_length={ctx["max_length"]}, return_tensors="np")',
             "feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}",
             'print(names[int(sess.run(["logits"], feeds)[0].argmax(-1)[0])])',
@@ -388,7 +394,9 @@ def runtime_record(
         "outputs": ["logits"],
     }
     if record["backend"] == "onnxruntime":
-        record["session_options"] = session_options
+        cpu_only = all(p == "CPUExecutionProvider" for p in record["providers"])
+        # optimizers disabled for CPU kernels' sake do not apply to GPU sessions
+        record["session_options"] = {k: v for k, v in session_options.items() if cpu_only or k != "disabled_optimizers"}
     return record
 
 

@@ -11,9 +11,10 @@ as ONNX Runtime's), then quantized like `static`.
 Each variant is scored on validation; the choice is the fastest (model-only p50 at batch 1) whose
 accuracy drop versus fp32 is within `max_accuracy_drop` points. When none is, the most accurate variant
 is written anyway, `budget_met: false` is recorded, and the stage fails only with `strict: true`.
-Variant files are deterministic; latencies are timings and vary, so the choice can differ between runs
-only when two variants are within `latency_margin` of each other and both fit the budget (then the more
-accurate one is taken, which is deterministic).
+Variant files are deterministic. Latencies are timings: all variants and fp32 are timed side by side in
+interleaved rounds, so a drift in machine load falls on all alike, yet two variants that fit the budget with
+close p50s can still swap places between runs. Within `latency_margin` of the fastest, the more accurate
+one is taken, which keeps the choice steady where the speeds are alike.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from stages.common.metrics import accuracy, macro_f1
 from stages.common.onnx_runtime import (
     export_onnx,
     feeds,
-    latency_ms,
+    latency_side_by_side,
     ort_logits,
     quantize_dynamic_int8,
     session,
@@ -242,14 +243,15 @@ def main(argv: list[str] | None = None) -> int:
             made["qat"] = work / "qat.onnx"
             quantize_static_int8(qat_fp32, made["qat"], calib_texts, p.calibration_rows, p.per_channel)
         frontier: dict[str, dict[str, Any]] = {}
-        for name, path in {"fp32": fp32, **made}.items():
-            sess = session(path, p.threads)
+        paths = {"fp32": fp32, **made}
+        sessions = {name: session(path, p.threads) for name, path in paths.items()}
+        for name, sess in sessions.items():
             result = score(ort_logits(sess, val_texts), truth, len(labels))
-            frontier[name] = {
-                **result,
-                "size_mb": size_mb(path),
-                "latency_ms": latency_ms(sess, val_texts, p.latency_runs),
-            }
+            frontier[name] = {**result, "size_mb": size_mb(paths[name])}
+        # timed side by side in interleaved rounds: a drift in machine load falls on every variant alike
+        timed = latency_side_by_side(sessions, val_texts, p.latency_runs)
+        for name in sessions:
+            frontier[name]["latency_ms"] = timed[name]
         base = frontier["fp32"]
         for name in made:
             frontier[name]["accuracy_drop_points"] = round(100 * (base["accuracy"] - frontier[name]["accuracy"]), 4)

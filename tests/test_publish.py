@@ -120,13 +120,25 @@ def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     ):
         assert part in card, part
 
+    # The card's load snippet runs as written, from the project root, and names one of the labels.
+    labels = json.loads((folder / "labels.json").read_text())
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=project, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip().splitlines()[-1] in labels
+
     # The published files alone classify text: the card's recipe on the test rows.
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    labels = json.loads((folder / "labels.json").read_text())
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    runtime = json.loads((folder / "runtime.json").read_text())
+    assert runtime["session_options"]["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    sess = ort.InferenceSession(
+        str(folder / "model.onnx"),
+        providers=runtime["providers"],
+        disabled_optimizers=runtime["session_options"]["disabled_optimizers"],
+    )
     test = pl.read_parquet(project / "data/02_clean/test.parquet")
     enc = tok(test["text"].to_list(), truncation=True, max_length=64, padding=True, return_tensors="np")
     feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}

@@ -5,6 +5,11 @@ returns `logits`. A BERT encoder is exported in the canonical form of its math (
 additive mask, per-layer head counts as constants), which has fewer operators than the traced Hugging
 Face module and which ONNX Runtime's transformer optimizer can fuse (`fuse_for_ort`). Sessions are built
 with a fixed thread count, and CPU-only unless asked otherwise.
+
+One ONNX Runtime fusion is left out on CPU: SkipLayerNormalization (residual Add + LayerNormalization in one
+kernel). On x86 with ONNX Runtime 1.31 and 1.32 that kernel is 3.5-5x slower than the two operators it
+replaces, at every row count from 16 to 4,096 (`bench/int8_speed.py` measures it), so `fuse_for_ort` does not
+make it and CPU sessions disable ONNX Runtime's own `SkipLayerNormFusion` (recorded with the session options).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from stages.common.errors import StageError
 from stages.common.timing import percentiles, side_by_side
 
 INPUTS = ("input_ids", "attention_mask")
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it fuses on CPU: see the module docstring
 
 
 class _Logits(torch.nn.Module):
@@ -147,15 +153,16 @@ def _split_unsqueezes(proto: Any) -> int:
 
 
 def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
-    """ONNX Runtime's transformer optimizer (BERT fusions: EmbedLayerNormalization, Attention,
-    SkipLayerNormalization, BiasGelu) on `src`, written to `dst`; returns the fused operator counts. Head counts
-    and hidden sizes are read per layer from the graph (a pruned model's layers differ). Only the Python fusions
-    are applied (`opt_level=0`): the file stays portable across CPUs; the session applies ONNX Runtime's own
-    graph optimizations at load time."""
+    """ONNX Runtime's transformer optimizer (BERT fusions: EmbedLayerNormalization, Attention, LayerNormalization,
+    BiasGelu; not SkipLayerNormalization, see the module docstring) on `src`, written to `dst`; returns the fused
+    operator counts. Head counts and hidden sizes are read per layer from the graph (a pruned model's layers
+    differ). Only the Python fusions are applied (`opt_level=0`): the file stays portable across CPUs; the
+    session applies ONNX Runtime's own graph optimizations at load time."""
     import logging
 
     import onnx
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
     proto = onnx.load(str(src))
     _split_unsqueezes(proto)
@@ -165,7 +172,11 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
         for name in ("fusion_attention", "fusion_base", "fusion_utils", "onnx_model", "onnx_model_bert"):
             # the optimizer warns once per pruned layer that its width differs from the input's: expected
             logging.getLogger(name).setLevel(logging.ERROR)
-        model = optimizer.optimize_model(str(prepared), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        options = FusionOptions("bert")
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+        model = optimizer.optimize_model(
+            str(prepared), model_type="bert", num_heads=0, hidden_size=0, opt_level=0, optimization_options=options
+        )
         stats = {k: int(v) for k, v in sorted(model.get_fused_operator_statistics().items()) if v}
         model.save_model_to_file(str(prepared))  # adds the com.microsoft opset the fused nodes need
         out = onnx.load(str(prepared))
@@ -175,19 +186,22 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
 
 
 def session_options_record(threads: int) -> dict[str, Any]:
-    """The session options `session` uses, as saved next to built engines (load them the same way)."""
+    """The CPU session options `session` uses, as saved next to built engines (load them the same way:
+    `disabled_optimizers` is an argument of `InferenceSession`, the rest are `SessionOptions` fields)."""
     return {
         "intra_op_num_threads": threads,
         "inter_op_num_threads": 1,
         "execution_mode": "ORT_SEQUENTIAL",
         "graph_optimization_level": "ORT_ENABLE_ALL",
+        "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS),
         "providers": ["CPUExecutionProvider"],
     }
 
 
 def session(path: Path | str, threads: int = 2, providers: list[Any] | None = None) -> Any:
     """An ONNX Runtime session with the options of `session_options_record(threads)` (CPU unless
-    `providers` says otherwise: callers check `get_providers()` for a silent fallback)."""
+    `providers` says otherwise: callers check `get_providers()` for a silent fallback). The CPU-only
+    `disabled_optimizers` apply only when every provider is the CPU one."""
     import onnxruntime as ort
 
     record = session_options_record(threads)
@@ -197,7 +211,11 @@ def session(path: Path | str, threads: int = 2, providers: list[Any] | None = No
     options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or record["providers"])
+    providers = providers or record["providers"]
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    cpu_only = all(name == "CPUExecutionProvider" for name in names)
+    disabled = record["disabled_optimizers"] if cpu_only else []
+    return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
 
 
 def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -226,6 +244,27 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, contrib_ops: 
 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if contrib_ops else {}
     quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8, extra_options=extra)
+    proto = onnx.load(str(dst))
+    if drop_unused_nodes(proto):
+        onnx.save(proto, str(dst))
+
+
+def drop_unused_nodes(proto: Any) -> int:
+    """Remove nodes none of whose outputs reach a graph output (ONNX Runtime runs them anyway); returns how
+    many. Quantizing EmbedLayerNormalization leaves such a chain: its INT8 form takes no position ids."""
+    wanted = {o.name for o in proto.graph.output}
+    kept = list(proto.graph.node)
+    while True:
+        used = wanted | {name for node in kept for name in node.input}
+        alive = [node for node in kept if any(out in used for out in node.output)]
+        if len(alive) == len(kept):
+            break
+        kept = alive
+    dropped = len(proto.graph.node) - len(kept)
+    if dropped:
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+    return dropped
 
 
 def _batch1(texts: TokenizedTexts) -> list[dict[str, np.ndarray]]:
