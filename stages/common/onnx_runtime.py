@@ -7,8 +7,8 @@ Face module and which ONNX Runtime's transformer optimizer can fuse (`fuse_for_o
 with a fixed thread count, and CPU-only unless asked otherwise.
 
 One ONNX Runtime fusion is left out on CPU: SkipLayerNormalization (residual Add + LayerNormalization in one
-kernel). On x86 with ONNX Runtime 1.31 and 1.32 that kernel is 3.5-5x slower than the two operators it
-replaces, at every row count from 16 to 4,096 (`bench/int8_speed.py` measures it), so `fuse_for_ort` does not
+kernel). On x86 with ONNX Runtime 1.31 and 1.32 that kernel is 2-5x slower than the two operators it
+replaces, at every row count from 13 to 4,096 (`bench/int8_speed.py` measures it), so `fuse_for_ort` does not
 make it and CPU sessions disable ONNX Runtime's own `SkipLayerNormFusion` (recorded with the session options).
 """
 
