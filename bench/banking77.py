@@ -86,14 +86,12 @@ def run_stage(root: Path, stage: str) -> float:
     return elapsed
 
 
-def onnx_row(path: Path, tokenizer, test, labels, reference: np.ndarray | None = None) -> dict:
-    """Test accuracy and size of an ONNX model, its session (for `measure`'s latencies) and its agreement
-    with `reference`."""
-    from stages.common.encoder import TokenizedTexts
+def onnx_row(path: Path, texts, test, labels, reference: np.ndarray | None = None) -> tuple[dict, object]:
+    """Test accuracy and size of an ONNX model and its agreement with `reference`; and its session, for
+    `measure`'s latencies."""
     from stages.common.metrics import accuracy, macro_f1
     from stages.common.onnx_runtime import ort_logits, session, size_mb
 
-    texts = TokenizedTexts(tokenizer, test["text"].to_list(), 64)
     sess = session(path, threads=2)
     logits = ort_logits(sess, texts)
     truth = [labels[x] for x in test["label"]]
@@ -102,12 +100,10 @@ def onnx_row(path: Path, tokenizer, test, labels, reference: np.ndarray | None =
         "test": {"accuracy": accuracy(truth, pred.tolist()), "macro_f1": macro_f1(truth, pred.tolist(), len(labels))},
         "size_mb": size_mb(path),
         "pred": pred,
-        "session": sess,
-        "texts": texts,
     }
     if reference is not None:
         row["agreement"] = float((pred == reference).mean())
-    return row
+    return row, sess
 
 
 def measure(root: Path) -> dict:
@@ -116,21 +112,22 @@ def measure(root: Path) -> dict:
     targets use are not skewed by a drift in machine load between separate measurements."""
     import polars as pl
 
-    from stages.common.encoder import load
+    from stages.common.encoder import TokenizedTexts, load
     from stages.common.onnx_runtime import export_onnx, latency_side_by_side
 
     test = pl.read_parquet(root / "data/02_clean/test.parquet")
     student, tok, labels = load(root / "data/05_train/student")
     export_onnx(student, tok, root / "student.onnx", 18)
-    pruned_tok = load(root / "data/06_prune/student")[1]
-    rows = {"student": onnx_row(root / "student.onnx", tok, test, labels)}
-    rows["pruned"] = onnx_row(root / "data/07_quantize/model.onnx", pruned_tok, test, labels)
-    rows["int8"] = onnx_row(root / "data/07_quantize/model.int8.onnx", pruned_tok, test, labels, rows["pruned"]["pred"])
     # prune removes heads and neurons, never tokens: one tokenization feeds all three
-    sessions = {name: row.pop("session") for name, row in rows.items()}
-    texts = rows["pruned"]["texts"]
-    for row in rows.values():
-        del row["texts"]
+    texts = TokenizedTexts(tok, test["text"].to_list(), 64)
+    rows, sessions = {}, {}
+    for name, path in (
+        ("student", root / "student.onnx"),
+        ("pruned", root / "data/07_quantize/model.onnx"),
+        ("int8", root / "data/07_quantize/model.int8.onnx"),
+    ):
+        reference = rows["pruned"]["pred"] if name == "int8" else None
+        rows[name], sessions[name] = onnx_row(path, texts, test, labels, reference)
     timed = latency_side_by_side(sessions, texts, runs=2000, rounds=8, warmup=50)
     for name, row in rows.items():
         row["p50_ms"] = timed[name]["p50"]

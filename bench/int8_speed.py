@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.common.encoder import TokenizedTexts  # noqa: E402
-from stages.common.onnx_runtime import latency_side_by_side, session, session_options_record  # noqa: E402
+from stages.common.onnx_runtime import latency_side_by_side, session  # noqa: E402
 from stages.common.timing import percentiles, side_by_side  # noqa: E402
 
 THREADS = (1, 2)
@@ -119,23 +119,12 @@ KERNELS = {
 def kernel_table(rows: int, k: int, n: int, runs: int) -> dict[str, dict[int, float]]:
     """p50 microseconds of each of `KERNELS` per thread count, the sessions as `session` builds them (so
     `add_layernorm` stays two operators)."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(1)
     feed = {name: rng.standard_normal((1, rows, k)).astype(np.float32) for name in ("x", "r")}
     fns = {}
     for kind in KERNELS:
         for t in THREADS:
-            record = session_options_record(t)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = t
-            options.log_severity_level = 3
-            sess = ort.InferenceSession(
-                _graph(kind, rows, k, n),
-                options,
-                providers=record["providers"],
-                disabled_optimizers=record["disabled_optimizers"],
-            )
+            sess = session(_graph(kind, rows, k, n), t)
             names = [i.name for i in sess.get_inputs()]
             fns[f"{kind}|{t}"] = lambda one, s=sess, names=names: s.run(None, {x: one[x] for x in names})
     samples = side_by_side(fns, [feed], runs, rounds=8, warmup=100)
@@ -149,15 +138,10 @@ def kernel_table(rows: int, k: int, n: int, runs: int) -> dict[str, dict[int, fl
 def first_layer_widths(path: Path) -> tuple[int, int]:
     """(hidden, feed-forward width) of the fp32 export: the widest MatMul weight (the first feed-forward)."""
     import onnx
-    from onnx import numpy_helper
 
-    proto = onnx.load(str(path))
-    weights = {t.name: t for t in proto.graph.initializer}
-    shapes = [
-        tuple(numpy_helper.to_array(weights[node.input[1]]).shape)
-        for node in proto.graph.node
-        if node.op_type == "MatMul" and node.input[1] in weights
-    ]
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    shapes = [weights[node.input[1]] for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
     if not shapes:
         raise SystemExit(f"int8_speed: no MatMul with a constant weight in {path}")
     return max(shapes, key=lambda shape: (shape[1], -shape[0]))

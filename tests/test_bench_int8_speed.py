@@ -6,9 +6,8 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from stages.common.onnx_runtime import session_options_record
+from stages.common.onnx_runtime import session
 
 SPEC = importlib.util.spec_from_file_location("int8_speed", Path(__file__).resolve().parents[1] / "bench/int8_speed.py")
 int8_speed = importlib.util.module_from_spec(SPEC)
@@ -16,12 +15,7 @@ SPEC.loader.exec_module(int8_speed)
 
 
 def run(kind: str, rows: int = 5, k: int = 8, n: int = 12) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    record = session_options_record(1)
-    sess = ort.InferenceSession(
-        int8_speed._graph(kind, rows, k, n),
-        providers=record["providers"],
-        disabled_optimizers=record["disabled_optimizers"],
-    )
+    sess = session(int8_speed._graph(kind, rows, k, n), threads=1)
     rng = np.random.default_rng(3)
     feed = {i.name: rng.standard_normal((1, rows, k)).astype(np.float32) for i in sess.get_inputs()}
     return sess.run(None, feed)[0], feed

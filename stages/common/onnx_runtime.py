@@ -198,8 +198,9 @@ def session_options_record(threads: int) -> dict[str, Any]:
     }
 
 
-def session(path: Path | str, threads: int = 2, providers: list[Any] | None = None) -> Any:
-    """An ONNX Runtime session with the options of `session_options_record(threads)` (CPU unless
+def session(path: Path | str | bytes, threads: int = 2, providers: list[Any] | None = None) -> Any:
+    """An ONNX Runtime session (on a model file, or a serialized model) with the options of
+    `session_options_record(threads)` (CPU unless
     `providers` says otherwise: callers check `get_providers()` for a silent fallback). The CPU-only
     `disabled_optimizers` apply only when every provider is the CPU one."""
     import onnxruntime as ort
@@ -215,7 +216,8 @@ def session(path: Path | str, threads: int = 2, providers: list[Any] | None = No
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     cpu_only = all(name == "CPUExecutionProvider" for name in names)
     disabled = record["disabled_optimizers"] if cpu_only else []
-    return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=disabled)
 
 
 def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
