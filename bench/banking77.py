@@ -29,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from stages.common.gates import merged_rows  # noqa: E402
 from tests.conftest import copy_project  # noqa: E402  (one way to copy the project, shared with the tests)
 
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
@@ -176,7 +177,10 @@ def main() -> int:
         m["quantize"] = json.loads((root / "data/07_quantize/metrics.json").read_text())
         onnx = measure(root)
         build = json.loads((root / DONE_WHEN["build"]).read_text())
+        for name, timing in json.loads((root / "data/08_build/timings.json").read_text())["engines"].items():
+            build["engines"][name].update(timing)  # the manifest's results with the build's timings
         bench = json.loads((root / DONE_WHEN["benchmark"]).read_text())
+        bench["variants"] = merged_rows(bench, json.loads((root / "data/09_benchmark/timings.json").read_text()))
         table = (root / "data/09_benchmark/report.md").read_text()
         audit = audit_published(root)
     report(m, onnx, times)
@@ -195,7 +199,7 @@ def audit_published(root: Path) -> str:
     )
     took = time.perf_counter() - start
     return (
-        f"\npublish: {receipt['status']} {spec} ({receipt['variant']}) -> {receipt['path']}, "
+        f"\npublish: {spec} ({receipt['variant']}) -> {receipt['path']}, "
         f"{len(receipt['files'])} files; verify {'OK' if proc.returncode == 0 else 'FAILED'} in {took:.1f} s: "
         f"{(proc.stdout + proc.stderr).strip()}"
     )

@@ -104,12 +104,13 @@ def publish_markdown(root: Path, receipts: tuple[str, ...]) -> str | None:
         if not path.is_file():
             continue
         r = json.loads(path.read_text(encoding="utf-8"))
-        gates = ", ".join(f"{k} {g['measured']} (limit {g['limit']})" for k, g in sorted(r.get("gates", {}).items()))
+        checked = sorted(r.get("gates", {}).items())
+        gates = ", ".join(f"{k} (limit {g['limit']}{'' if g['passed'] else ', FAILED'})" for k, g in checked)
         report = root / r.get("benchmark_report", "")
         table = report.read_text(encoding="utf-8") if report.is_file() else "(benchmark report not found)"
         return "\n".join(
             [
-                f"# {r['model']} {r['version']} ({r['status']})",
+                f"# {r['model']} {r['version']}",
                 "",
                 f"- registry: `{r['path']}`; variant `{r['variant']}`; content sha256 `{r['content_digest']}`",
                 f"- gates passed: {gates}",

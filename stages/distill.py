@@ -31,7 +31,14 @@ from stages.common.encoder import (
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.metrics import accuracy, macro_f1
 from stages.common.params import from_dict
-from stages.common.training import OptimParams, engine_params, fit, is_main_process, resolve_engine
+from stages.common.training import (
+    OptimParams,
+    engine_params,
+    fit,
+    is_main_process,
+    make_deterministic,
+    resolve_engine,
+)
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,9 @@ def finetune(
     p: OptimParams,
     engine: str = "torch",
     zero_stage: int = 0,
-) -> dict[str, Any]:
-    """Cross-entropy fine-tuning with early stopping; leaves the best epoch's weights in `model`."""
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Cross-entropy fine-tuning with early stopping; leaves the best epoch's weights in `model`. Returns the
+    training summary (deterministic) and its wall-clock timings."""
     texts = TokenizedTexts(tokenizer, train["text"].to_list(), p.max_length)
     targets = torch.tensor([labels[x] for x in train["label"]])
 
@@ -95,7 +103,7 @@ def finetune(
         zero_stage=zero_stage,
     )
     model.float().load_state_dict(result.best_state)
-    return result.summary()
+    return result.summary(), result.timings()
 
 
 def soft_labels(model: TextClassifier, tokenizer: Any, train: pl.DataFrame, max_length: int) -> pl.DataFrame:
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m stages.distill --in data/03_augment --clean data/02_clean --out data/04_distill`."""
     args = stage_args("distill", __doc__, argv, upstream="augment", more=("clean",))
     p = stage_params(DistillParams, "distill", args.params)
-    torch.manual_seed(p.optim.seed)
+    make_deterministic(p.optim.seed, p.optim.deterministic)
     train = read_frames(args.inp, ("train",), upstream="augment")["train"].sort("id")
     held = read_frames(args.clean, ("val", "test"), upstream="clean")
     labels_file = args.clean / "labels.json"
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"distill.teacher_checkpoint {p.teacher_checkpoint}: its labels.json differs from the data's"
             )
         training = {"skipped": f"teacher_checkpoint {p.teacher_checkpoint}"}
+        timings: dict[str, Any] = {}
     else:
         model, tokenizer = load_pretrained(resolve_teacher(p.teacher, p.allow_download), len(labels), p.allow_download)
         rows = (
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         engine, zero_stage = engine_params(args.params)
         engine, why = resolve_engine(engine)
-        training = finetune(model, tokenizer, rows, held["val"], labels, p.optim, engine, zero_stage)
+        training, timings = finetune(model, tokenizer, rows, held["val"], labels, p.optim, engine, zero_stage)
         training["rows"] = rows.height
         training["engine"]["chosen_by"] = why
         if not is_main_process():
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         save(model, tokenizer, labels, w.directory(args.out / "teacher"))
         w.parquet(args.out / "soft_labels.parquet", soft)
         w.json(args.out / "metrics.json", metrics)
+        w.json(args.out / "timings.json", {"training": timings})
     print(
         f"distill: teacher val accuracy {metrics['val']['accuracy']:.4f}, test {metrics['test']['accuracy']:.4f} "
         f"(macro-F1 {metrics['test']['macro_f1']:.4f}); soft labels for {soft.height} rows -> {args.out}"

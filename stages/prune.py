@@ -37,7 +37,7 @@ from stages.common.encoder import (
 )
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.params import from_dict, load_section
-from stages.common.training import OptimParams, is_main_process, resolve_engine
+from stages.common.training import OptimParams, is_main_process, make_deterministic, resolve_engine
 from stages.distill import evaluate
 from stages.train import FLOPS_SEQ_LEN, TrainParams, distill_student, kd_loss
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_params(PruneParams, "prune", args.params)
     shared = {k: v for k, v in load_section("train", args.params).items() if k in SHARED_TRAIN_KEYS}
     t = dataclasses.replace(from_dict(TrainParams, shared, "train"), optim=p.optim)
-    torch.manual_seed(p.optim.seed)
+    make_deterministic(p.optim.seed, p.optim.deterministic)
     student, tokenizer, labels = load(args.inp / "student")
     held = read_frames(args.clean, ("val", "test"), upstream="clean")
     before = {
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": layer_shapes(student),
     }
     metrics: dict[str, Any] = {"before": before, "flops_seq_len": FLOPS_SEQ_LEN}
+    timings: dict[str, Any] = {}
     if not p.structured and p.magnitude == 0:
         metrics.update(
             after=before, pruned=False, note="prune.heads, prune.ffn and prune.magnitude are 0: student passed through"
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
         soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
-        joined = train.join(soft, on="id", how="left")
+        joined = train.join(soft, on="id", how="left", maintain_order="left")
         if joined["logits"].null_count():
             raise StageError("soft labels missing for some training rows; rerun distill")
         if p.structured:
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if p.magnitude > 0:  # the best epoch may predate the schedule's end: reach the target exactly
             apply_masks(weights, p.magnitude)
-        metrics["recovery"] = {k: v for k, v in summary.items() if k != "curves"}
+        metrics["recovery"] = {k: v for k, v in summary.items() if k not in ("curves", "timings")}
+        timings["recovery"] = summary["timings"]
         metrics["pruned"] = True
     student.eval()
     weights = encoder_matrices(student)
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     with outputs() as w:
         save(student, tokenizer, labels, w.directory(args.out / "student"))
         w.json(args.out / "metrics.json", metrics)
+        w.json(args.out / "timings.json", timings)
     after = metrics["after"]
     print(
         f"prune: FLOPs/token {before['flops_per_token'] / 1e6:.1f}M -> {after['flops_per_token'] / 1e6:.1f}M "

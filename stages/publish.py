@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ import yaml
 from stages.common.atomic import dumps_json, outputs
 from stages.common.cli import stage_args, stage_params
 from stages.common.errors import StageError, stage_entrypoint
-from stages.common.gates import Gates, failed_gates
+from stages.common.gates import Gates, choose_candidate, e2e_speed, failed_gates, merged_rows
 from stages.common.hashing import dvc_md5, sha256_bytes, sha256_file
 from stages.common.params import from_dict
 
@@ -74,6 +73,9 @@ class PublishParams:
     version: str = "auto"  # auto: the next major version; or an explicit x.y.z
     tag: bool = False  # an annotated git tag <model>@v<version> (GTO's form)
     gates: dict[str, float] = field(default_factory=dict)  # see stages.common.gates.Gates
+    # End-to-end p50s this close count as equally fast (the more accurate variant wins): timing noise
+    # below it cannot change what is published.
+    latency_margin: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not MODEL_NAME.match(self.model):
@@ -87,6 +89,10 @@ class PublishParams:
         if not isinstance(self.gates, dict):
             raise ValueError("publish.gates must be a mapping")
         from_dict(Gates, self.gates, "publish.gates")  # validates the gates now, naming a bad key
+        if isinstance(self.latency_margin, bool) or not isinstance(self.latency_margin, (int, float)):
+            raise ValueError(f"publish.latency_margin must be a number, got {self.latency_margin!r}")
+        if not 0 <= self.latency_margin < 1:
+            raise ValueError(f"publish.latency_margin must be in [0, 1), got {self.latency_margin}")
 
     @property
     def gate_limits(self) -> Gates:
@@ -96,22 +102,19 @@ class PublishParams:
 # ---- choosing the candidate ---------------------------------------------------------------------------
 
 
-def choose_candidate(bench: dict[str, Any], gates: Gates) -> tuple[str, dict[str, Any]]:
-    """The fastest publishable variant passing every gate, with its gate results; a StageError naming
-    each variant's failed gates when none passes."""
-    rows = bench["variants"]
-    if "teacher_fp32" not in rows:
-        raise StageError("benchmark metrics have no teacher_fp32 row: the drop gate needs it")
-    teacher = rows["teacher_fp32"]["accuracy"]
-    checked = {n: gates.check(r, teacher) for n, r in rows.items() if r.get("publishable") and r.get("file")}
+def candidate_of(rows: dict[str, dict[str, Any]], gates: Gates, margin: float) -> tuple[str, dict[str, Any]]:
+    """`choose_candidate` with its gate results; a StageError naming each variant's failed gates when none
+    passes (the registry is then not touched)."""
+    try:
+        best, checked = choose_candidate(rows, gates, margin)
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
     if not checked:
         raise StageError("benchmark measured no publishable variant (no quantize file or engine)")
-    passing = [n for n, g in checked.items() if all(x["passed"] for x in g.values())]
-    if not passing:
-        order = sorted(checked, key=lambda n: (rows[n]["latency_ms"]["end_to_end"]["p50"], n))
+    if best is None:
+        order = sorted(checked, key=lambda n: (e2e_speed(rows[n]), n))
         why = "; ".join(f"{n}: {', '.join(failed_gates(checked[n]))}" for n in order)
         raise StageError(f"no variant passes publish.gates, registry untouched: {why}")
-    best = min(passing, key=lambda n: (rows[n]["latency_ms"]["end_to_end"]["p50"], n))
     return best, checked[best]
 
 
@@ -419,8 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_params(PublishParams, "publish", args.params)
     root = Path.cwd()
     bench = json.loads((args.inp / "metrics.json").read_text(encoding="utf-8"))
-    candidate, gates = choose_candidate(bench, p.gate_limits)
-    row = bench["variants"][candidate]
+    timings_file = args.inp / "timings.json"
+    if not timings_file.is_file():
+        raise StageError(f"{timings_file}: not found; run the benchmark stage (dvc repro benchmark)")
+    timings = json.loads(timings_file.read_text(encoding="utf-8"))
+    rows = merged_rows(bench, timings)
+    bench = {**bench, "variants": rows}
+    margin = max(p.latency_margin, 2 * float(timings.get("noise") or 0.0))
+    candidate, gates = candidate_of(rows, p.gate_limits, margin)
+    row = rows[candidate]
     source = root / row["file"]
     if not source.is_file():
         raise StageError(f"{row['file']}: the file of variant {candidate} is missing; run dvc repro")
@@ -437,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer,
             labels_file,
             args.inp / "metrics.json",
+            timings_file,
             args.ingest / "ingest.json",
             args.fingerprint / "fingerprint.json",
             args.build / "manifest.json",
@@ -494,15 +505,23 @@ def main(argv: list[str] | None = None) -> int:
                 "version": version,
                 "variant": candidate,
                 "content_digest": digest,
-                "published_utc": datetime.now(UTC).replace(microsecond=0).isoformat(),
                 "git": git,
                 "files": payload,
                 "published_from": {"file": rel(root, source), "sha256": row["sha256"]},
-                "publish": {"params": {"gates": p.gates, "version": p.version, "tag": p.tag}, "reads": read},
+                "publish": {
+                    "params": {
+                        "gates": p.gates,
+                        "latency_margin": p.latency_margin,
+                        "version": p.version,
+                        "tag": p.tag,
+                    },
+                    "reads": read,
+                    "margin_used": margin,  # max(latency_margin, twice the noise benchmark measured)
+                },
                 "stages": [{"name": s, **lock[s]} for s in order if s in lock and s != "publish"],
                 "sources": ingest.get("sources", []),
                 "fingerprint": fingerprint,
-                "benchmark": {"variant": row, "gates": gates, "candidate_of_benchmark": bench.get("candidate")},
+                "benchmark": {"variant": row, "gates": gates},
             }
             ctx = {
                 "model": p.model,
@@ -553,15 +572,17 @@ def main(argv: list[str] | None = None) -> int:
             raise StageError(
                 f"publish.tag: {p.model} {version} is published but git tag {tag_name} failed: {made.stderr.strip()}"
             )
+    # Only what the same inputs always give: the payload's digests (not the model card's or lineage's, which
+    # quote timings) and each gate's limit and outcome (the measured latencies are in lineage.json). Whether
+    # this run wrote the version or found it is printed, not recorded, so a forced rerun changes nothing.
     receipt = {
         "model": p.model,
         "version": version,
-        "status": status,
         "path": rel(root, target),
         "variant": candidate,
         "content_digest": digest,
-        "files": read_sums(target),
-        "gates": gates,
+        "files": {n: h for n, h in read_sums(target).items() if n.startswith(PAYLOAD)},
+        "gates": {k: {"limit": g["limit"], "passed": g["passed"]} for k, g in sorted(gates.items())},
         "tag": tag_name,
         "benchmark_report": rel(root, args.inp / "report.md"),
     }

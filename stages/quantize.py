@@ -11,15 +11,20 @@ as ONNX Runtime's), then quantized like `static`.
 Each variant is scored on validation; the choice is the fastest (model-only p50 at batch 1) whose
 accuracy drop versus fp32 is within `max_accuracy_drop` points. When none is, the most accurate variant
 is written anyway, `budget_met: false` is recorded, and the stage fails only with `strict: true`.
-Variant files are deterministic. Latencies are timings: all variants and fp32 are timed side by side in
-interleaved rounds, so a drift in machine load falls on all alike, yet two variants that fit the budget with
-close p50s can still swap places between runs. Within `latency_margin` of the fastest, the more accurate
-one is taken, which keeps the choice steady where the speeds are alike.
+
+Variant files, scores and the choice are deterministic; latencies are timings and go to `timings.json`.
+So that timing noise cannot flip the choice (and with it every later stage): fp32 and all variants are
+timed side by side in `rounds` interleaved rounds over the same queries; each variant's time is the median
+over rounds of its round median relative to fp32's (load drift between rounds cancels), and the noise is
+the relative standard error of that estimate. Variants within max(`latency_margin`, 2 x noise) of the
+fastest count as equally fast; among those the more accurate wins, then the earlier in `quantize.variants`.
+On a machine too noisy to tell two variants apart the choice falls to accuracy and order, which do not vary.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +43,14 @@ from stages.common.metrics import accuracy, macro_f1
 from stages.common.onnx_runtime import (
     export_onnx,
     feeds,
-    latency_side_by_side,
+    latency_samples,
     ort_logits,
     quantize_dynamic_int8,
+    save_portable,
     session,
     size_mb,
 )
+from stages.common.timing import percentiles, relative_speed
 from stages.common.training import OptimParams
 
 VARIANTS = ("dynamic", "static")
@@ -62,7 +69,8 @@ class QuantizeParams:
     qat_lr: float = 2e-5
     max_accuracy_drop: float = 0.5  # points of validation accuracy an INT8 variant may lose against fp32
     strict: bool = False  # true: exit non-zero when no variant meets the budget
-    latency_runs: int = 200  # batch-1 runs per variant for the model-only latency
+    latency_runs: int = 400  # batch-1 runs per variant for the model-only latency
+    rounds: int = 20  # ...in this many interleaved rounds (the spread of the per-round ratios gives the noise)
     latency_margin: float = 0.05  # variants this close in p50 count as equally fast
     threads: int = 2
     max_length: int = 64
@@ -75,11 +83,13 @@ class QuantizeParams:
             raise ValueError(f"quantize.variants must be a non-empty subset of {list(VARIANTS)}, got {unknown}")
         if self.opset < 17:
             raise ValueError(f"quantize.opset must be >= 17, got {self.opset}")
-        for key in ("parity_rows", "calibration_rows", "latency_runs", "threads", "qat_epochs", "max_length"):
+        for key in ("parity_rows", "calibration_rows", "latency_runs", "rounds", "threads", "qat_epochs", "max_length"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"quantize.{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.max_accuracy_drop < 0:
             raise ValueError(f"quantize.max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
+        if not 0 <= self.latency_margin < 1:
+            raise ValueError(f"quantize.latency_margin must be in [0, 1), got {self.latency_margin}")
 
 
 def check_parity(model: TextClassifier, onnx_path: Path, texts: TokenizedTexts, tolerance: float) -> float:
@@ -106,7 +116,8 @@ class _Rows:
     """ONNX Runtime CalibrationDataReader over validation rows, one batch of 16 at a time."""
 
     def __init__(self, texts: TokenizedTexts, rows: int):
-        self.batches = [feeds(texts.batch(range(i, min(rows, i + 16)))) for i in range(0, min(rows, len(texts)), 16)]
+        end = min(rows, len(texts))  # validation splits smaller than calibration_rows, of any size
+        self.batches = [feeds(texts.batch(range(i, min(end, i + 16)))) for i in range(0, end, 16)]
         self.position = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -120,6 +131,7 @@ class _Rows:
 
 
 def quantize_static_int8(src: Path, dst: Path, texts: TokenizedTexts, rows: int, per_channel: bool) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -138,6 +150,7 @@ def quantize_static_int8(src: Path, dst: Path, texts: TokenizedTexts, rows: int,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"MatMulConstBOnly": True},
         )
+    save_portable(onnx.load(str(dst)), dst)
 
 
 class _FakeQuantLinear(nn.Module):
@@ -167,17 +180,17 @@ def _swap_linears(module: nn.Module, wrap: bool) -> None:
 
 def qat_finetune(
     model: TextClassifier, tokenizer: Any, train: pl.DataFrame, val: pl.DataFrame, labels: dict[str, int], p: Any
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Quantization-aware fine-tune of the encoder's Linears (weights fake-quantized, cross-entropy)."""
     from stages.distill import finetune
 
     _swap_linears(model.encoder.encoder, wrap=True)
     try:
         optim = OptimParams(epochs=p.qat_epochs, lr=p.qat_lr, batch_size=32, max_length=p.max_length, seed=p.seed)
-        summary = finetune(model, tokenizer, train, val, labels, optim, engine="torch")
+        summary, timings = finetune(model, tokenizer, train, val, labels, optim, engine="torch")
     finally:
         _swap_linears(model.encoder.encoder, wrap=False)
-    return summary
+    return summary, timings
 
 
 def score(logits: np.ndarray, truth: list[int], n_labels: int) -> dict[str, float]:
@@ -185,21 +198,27 @@ def score(logits: np.ndarray, truth: list[int], n_labels: int) -> dict[str, floa
     return {"accuracy": round(accuracy(truth, pred), 6), "macro_f1": round(macro_f1(truth, pred, n_labels), 6)}
 
 
-def choose(frontier: dict[str, dict[str, Any]], budget: float, margin: float) -> tuple[str, bool, str]:
-    """(variant, budget met, why) from the INT8 variants' scores."""
-    fits = {k: v for k, v in frontier.items() if v["accuracy_drop_points"] <= budget}
+def choose(
+    frontier: dict[str, dict[str, Any]], speed: dict[str, float], budget: float, margin: float
+) -> tuple[str, bool, str]:
+    """(variant, budget met, why) from the INT8 variants' scores (in `quantize.variants` order) and their
+    times (any unit, e.g. relative to fp32); `margin` is the share within which they count as equal. The
+    reason names no timing, so it is the same on every run that makes the same choice."""
+    order = list(frontier)
+    fits = [k for k in order if frontier[k]["accuracy_drop_points"] <= budget]
     if not fits:
-        best = max(frontier, key=lambda k: (frontier[k]["accuracy"], k))
+        best = max(order, key=lambda k: (frontier[k]["accuracy"], -order.index(k)))
         return best, False, f"no INT8 variant within {budget} points of fp32: kept the most accurate ({best})"
-    fastest = min(v["latency_ms"]["p50"] for v in fits.values())
-    close = [k for k, v in fits.items() if v["latency_ms"]["p50"] <= fastest * (1 + margin)]
-    pick = max(close, key=lambda k: (fits[k]["accuracy"], k))
+    fastest = min(speed[k] for k in fits)
+    close = [k for k in fits if speed[k] <= fastest * (1 + margin)]
+    pick = max(close, key=lambda k: (frontier[k]["accuracy"], -order.index(k)))
     return (
         pick,
         True,
         (
-            f"fastest within the budget of {budget} points (variants within {margin:.0%} of the fastest p50 count "
-            "as equally fast; the more accurate is kept)"
+            f"fastest within the budget of {budget} points (variants within max(quantize.latency_margin, twice the "
+            "measured noise) of the fastest count as equally fast: the more accurate is kept, then the earlier "
+            "in quantize.variants)"
         ),
     )
 
@@ -237,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize_static_int8(fp32, made["static"], calib_texts, p.calibration_rows, p.per_channel)
         if p.qat:
             train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
-            metrics["qat"] = qat_finetune(model, tokenizer, train, held["val"], labels, p)
+            metrics["qat"], qat_timings = qat_finetune(model, tokenizer, train, held["val"], labels, p)
             qat_fp32 = work / "qat_fp32.onnx"
             export_onnx(model, tokenizer, qat_fp32, p.opset)
             made["qat"] = work / "qat.onnx"
@@ -248,25 +267,37 @@ def main(argv: list[str] | None = None) -> int:
         for name, sess in sessions.items():
             result = score(ort_logits(sess, val_texts), truth, len(labels))
             frontier[name] = {**result, "size_mb": size_mb(paths[name])}
-        # timed side by side in interleaved rounds: a drift in machine load falls on every variant alike
-        timed = latency_side_by_side(sessions, val_texts, p.latency_runs)
-        for name in sessions:
-            frontier[name]["latency_ms"] = timed[name]
         base = frontier["fp32"]
         for name in made:
             frontier[name]["accuracy_drop_points"] = round(100 * (base["accuracy"] - frontier[name]["accuracy"]), 4)
             frontier[name]["size_vs_fp32"] = round(frontier[name]["size_mb"] / base["size_mb"], 4)
-            frontier[name]["speedup_vs_fp32"] = round(
-                base["latency_ms"]["p50"] / frontier[name]["latency_ms"]["p50"], 3
+        print(f"quantize: timing fp32, {', '.join(made)} at batch 1 ({p.rounds} interleaved rounds)", file=sys.stderr)
+        samples = latency_samples(sessions, val_texts, p.latency_runs, rounds=p.rounds)
+        relative, noise = relative_speed(samples, reference="fp32", rounds=p.rounds)
+        margin = max(p.latency_margin, 2 * noise)
+        chosen, met, why = choose({k: frontier[k] for k in made}, relative, p.max_accuracy_drop, margin)
+        timings = {
+            "latency_ms": {name: percentiles(values) for name, values in samples.items()},
+            "time_vs_fp32": relative,  # median over rounds of the per-round ratio: what the choice compares
+            "speedup_vs_fp32": {name: round(1 / relative[name], 3) for name in made},
+            "noise": noise,
+            "margin_used": round(margin, 4),
+            "threads": p.threads,
+        }
+        if p.qat:
+            timings["qat"] = qat_timings
+        if margin > p.latency_margin:
+            print(
+                f"quantize: timings noisy (standard error {noise:.1%}): variants within {margin:.0%} of the "
+                f"fastest count as equally fast (quantize.latency_margin is {p.latency_margin:.0%})",
+                file=sys.stderr,
             )
-        chosen, met, why = choose({k: frontier[k] for k in made}, p.max_accuracy_drop, p.latency_margin)
         metrics.update(
             frontier=frontier,
             chosen=chosen,
             budget_met=met,
             why=why,
             max_accuracy_drop=p.max_accuracy_drop,
-            timings="latency_ms are wall-clock timings: they vary between runs; model files are deterministic",
         )
         if not met and p.strict:  # fail closed: nothing is written
             raise StageError(f"quantize.strict: {why}")
@@ -280,10 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in made.items():
                 shutil.copyfile(path, folder / f"{name}.onnx")
             w.json(args.out / "metrics.json", metrics)
+            w.json(args.out / "timings.json", timings)
     c = frontier[chosen]
     print(
         f"quantize: parity {metrics['parity']['max_abs_logit_diff']:.2g}; fp32 val {base['accuracy']:.4f}; chose "
-        f"{chosen} (val {c['accuracy']:.4f}, {c['size_vs_fp32']:.0%} of fp32 size, {c['speedup_vs_fp32']:.2f}x "
+        f"{chosen} (val {c['accuracy']:.4f}, {c['size_vs_fp32']:.0%} of fp32 size, "
+        f"{timings['speedup_vs_fp32'][chosen]:.2f}x "
         f"faster at batch 1){'' if met else '; accuracy budget MISSED'} -> {args.out}"
     )
     return 0

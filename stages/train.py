@@ -25,7 +25,14 @@ from stages.common.cli import read_frames, stage_args, stage_params
 from stages.common.encoder import TextClassifier, TokenizedTexts, flops_per_token, load, save
 from stages.common.errors import StageError, stage_entrypoint
 from stages.common.params import from_dict
-from stages.common.training import OptimParams, check_engine, fit, is_main_process, resolve_engine
+from stages.common.training import (
+    OptimParams,
+    check_engine,
+    fit,
+    is_main_process,
+    make_deterministic,
+    resolve_engine,
+)
 from stages.distill import evaluate
 
 FLOPS_SEQ_LEN = 32  # sequence length at which FLOPs per token are reported (intents are ~10-30 tokens)
@@ -187,7 +194,8 @@ def distill_student(
 ) -> dict[str, Any]:
     """Train the student in place on (train rows, teacher soft labels); returns the training summary.
     `on_step(distiller, step, total)` runs after each optimizer step (see `fit`)."""
-    joined = train.join(soft, on="id", how="left")
+    # the rows keep train's order (sorted by id): the batches, and so the weights, depend on it
+    joined = train.join(soft, on="id", how="left", maintain_order="left")
     missing = joined.filter(pl.col("logits").is_null())["id"].to_list()
     if missing:
         raise StageError(f"soft labels missing for {len(missing)} training row(s), e.g. {missing[:3]}; rerun distill")
@@ -221,7 +229,7 @@ def distill_student(
         on_step=on_step,
     )
     model.float().load_state_dict(result.best_state)
-    return {**result.summary(), "curves": result.curves}
+    return {**result.summary(), "curves": result.curves, "timings": result.timings()}
 
 
 def curves_csv(curves: list[dict[str, Any]]) -> str:
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m stages.train --in … --distill … --clean … --out data/05_train` (see dvc.yaml)."""
     args = stage_args("train", __doc__, argv, upstream="augment", more=("distill", "clean"))
     p = stage_params(TrainParams, "train", args.params)
-    torch.manual_seed(p.optim.seed)
+    make_deterministic(p.optim.seed, p.optim.deterministic)
     train = read_frames(args.inp, ("train",), upstream="augment")["train"].sort("id")
     soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
     held = read_frames(args.clean, ("val", "test"), upstream="clean")
@@ -264,12 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
         "teacher_flops_per_token": flops_per_token(teacher, FLOPS_SEQ_LEN),
         "flops_seq_len": FLOPS_SEQ_LEN,
-        "training": {k: v for k, v in summary.items() if k != "curves"},
+        "training": {k: v for k, v in summary.items() if k not in ("curves", "timings")},
     }
     with outputs() as w:
         save(student.eval(), tokenizer, labels, w.directory(args.out / "student"))
         w.json(args.out / "metrics.json", metrics)
         w.text(args.out / "curves.csv", curves_csv(summary["curves"]))
+        w.json(args.out / "timings.json", {"training": summary["timings"]})
     ratio = metrics["flops_per_token"] / metrics["teacher_flops_per_token"]
     print(
         f"train: student test accuracy {metrics['test']['accuracy']:.4f} (macro-F1 {metrics['test']['macro_f1']:.4f}), "

@@ -78,7 +78,7 @@ def lineage_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     r = receipt(project)
-    assert (r["status"], r["version"], r["path"]) == ("published", "1.0.0", f"registry/{MODEL}/1.0.0")
+    assert (r["version"], r["path"]) == ("1.0.0", f"registry/{MODEL}/1.0.0")
     folder = project / r["path"]
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert {
@@ -105,7 +105,9 @@ def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     assert lineage["sources"] == ingest["sources"]
     assert lineage["fingerprint"] == json.loads((project / "data/00_fingerprint/fingerprint.json").read_text())
     bench = json.loads((project / "data/09_benchmark/metrics.json").read_text())
-    assert lineage["variant"] == r["variant"] == bench["candidate"]
+    assert lineage["variant"] == r["variant"] and r["variant"] in bench["publishable"]
+    assert set(r["files"]) == {n for n in lineage["files"]}  # the receipt lists the payload only
+    assert "published_utc" not in lineage  # no clock inside artifacts
 
     card = (folder / "model_card.md").read_text()
     for part in (
@@ -151,8 +153,9 @@ def test_publishing_identical_content_again_reports_the_existing_version(project
     before = snapshot(project / "registry")
     again = dvc(project, "repro", "--force", "--single-item", "publish")
     assert "registry unchanged" in again.stdout + again.stderr
+    assert "publish: existing distillery-intent@1.0.0" in again.stdout + again.stderr
     r = receipt(project)
-    assert (r["status"], r["version"]) == ("existing", "1.0.0")
+    assert r["version"] == "1.0.0"
     assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == ["1.0.0"]
     assert snapshot(project / "registry") == before
 
@@ -234,6 +237,16 @@ def test_verify_names_a_flipped_byte_in_a_published_file_or_an_upstream_cache_ob
     assert lineage_cli(capsys, "verify", MODEL, "--root", str(project))[0] == 0
 
 
+def test_verify_rebuild_makes_the_published_bytes_again(project, capsys):
+    code, out, err = lineage_cli(capsys, "verify", f"{MODEL}@1.0.0", "--root", str(project), "--rebuild")
+    assert code == 0, out + err
+    assert "the published bytes come out again" in out
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    for stage in ("ingest", "train", "quantize", "published files"):
+        assert stage in rows and " yes " in rows[stage], out
+    assert not [p for p in project.parent.iterdir() if "-rebuild-" in p.name]  # the scratch clone is gone
+
+
 def test_every_stage_run_emitted_openlineage_events_versioned_by_dvc_hashes(project):
     events = [json.loads(x) for x in (project / "lineage/openlineage.jsonl").read_text().splitlines()]
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
@@ -267,9 +280,10 @@ def test_new_content_gets_a_new_version_an_existing_one_is_never_overwritten_and
     # The next major version, tagged.
     set_params(project, "publish", version="auto", tag=True)
     git(project, "commit", "-q", "-am", "per-tensor INT8")
-    dvc(project, "repro")
+    out = dvc(project, "repro")
+    assert f"publish: published {MODEL}@2.0.0" in out.stdout + out.stderr
     r = receipt(project)
-    assert (r["status"], r["version"], r["tag"]) == ("published", "2.0.0", f"{MODEL}@v2.0.0")
+    assert (r["version"], r["tag"]) == ("2.0.0", f"{MODEL}@v2.0.0")
     assert snapshot(project / "registry" / MODEL / "1.0.0") == first
     assert git(project, "cat-file", "-t", f"{MODEL}@v2.0.0").stdout.strip() == "tag"  # annotated, as GTO reads
     assert "Stage 'publish' didn't change, skipping" in dvc(project, "repro", "publish").stdout

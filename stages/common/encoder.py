@@ -83,6 +83,7 @@ def save(model: TextClassifier, tokenizer: Any, labels: dict[str, int], folder: 
     if any(shape != uniform for shape in shapes):
         config["layer_shapes"] = shapes  # per-layer heads and FFN width after structured pruning
     config.pop("transformers_version", None)  # keeps the bytes the same across library versions
+    config.pop("_name_or_path", None)  # where the weights were loaded from: a machine path, not the model
     for key in ("id2label", "label2id"):  # labels.json is the one label map
         config.pop(key, None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,5 +1,5 @@
-"""The publish gates (`publish.gates`): benchmark reports them for every publishable variant, publish
-checks them again before it writes anything to the registry."""
+"""The publish gates (`publish.gates`) and the one candidate rule: publish checks the gates on benchmark's
+figures and chooses the variant it ships (`choose_candidate`); the lineage audit reads the same rule."""
 
 from __future__ import annotations
 
@@ -50,3 +50,38 @@ def failed_gates(checked: dict[str, dict[str, Any]]) -> list[str]:
         for name, g in sorted(checked.items())
         if not g["passed"]
     ]
+
+
+def merged_rows(results: dict[str, Any], timings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """benchmark's per-variant results (deterministic) joined with its timings (latency, throughput, memory)."""
+    times = timings.get("variants") or {}
+    return {name: {**row, **times.get(name, {})} for name, row in (results.get("variants") or {}).items()}
+
+
+def e2e_speed(row: dict[str, Any]) -> float:
+    """End-to-end time at batch 1 for comparing variants: the median per-call ratio to a common reference
+    where benchmark measured one (steadier than a p50), else the p50."""
+    e2e = row["latency_ms"]["end_to_end"]
+    return e2e.get("vs_student_pruned", e2e["p50"])
+
+
+def choose_candidate(
+    rows: dict[str, dict[str, Any]], gates: Gates, margin: float
+) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """(the variant to publish or None, each publishable variant's gate results).
+
+    Among the publishable variants (those with a `file`) passing every gate: the fastest end to end at batch
+    1; variants within `margin` of the fastest count as equally fast, and among those the more accurate wins,
+    then the smaller file, then the name. So timing noise below the margin cannot flip the choice (publish
+    passes max(publish.latency_margin, twice the noise benchmark measured))."""
+    if "teacher_fp32" not in rows:
+        raise ValueError("benchmark metrics have no teacher_fp32 row: the drop gate needs it")
+    teacher = rows["teacher_fp32"]["accuracy"]
+    checked = {n: gates.check(r, teacher) for n, r in rows.items() if r.get("publishable") and r.get("file")}
+    passing = [n for n, g in checked.items() if all(x["passed"] for x in g.values())]
+    if not passing:
+        return None, checked
+    fastest = min(e2e_speed(rows[n]) for n in passing)
+    close = [n for n in passing if e2e_speed(rows[n]) <= fastest * (1 + margin)]
+    best = min(close, key=lambda n: (-rows[n]["accuracy"], rows[n]["size_mb"], n))
+    return best, checked

@@ -88,6 +88,43 @@ class _CanonicalBert(torch.nn.Module):
         return self.model.head(pooled)
 
 
+def strip_provenance(proto: Any) -> Any:
+    """Drop what ties an ONNX model to the machine and checkout that wrote it: the exporter's per-node source
+    stack traces (absolute paths of the checkout and the virtualenv), FX node dumps and name scopes, doc
+    strings, the graph's ExportedProgram signature, and the producer version. The computation is unchanged;
+    the file then hashes the same in every clone. Returns `proto`, edited in place."""
+
+    def clean_graph(graph: Any) -> None:
+        del graph.metadata_props[:]
+        graph.doc_string = ""
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clean_graph(attr.g)
+                for sub in attr.graphs:
+                    clean_graph(sub)
+
+    clean_graph(proto.graph)
+    for function in proto.functions:
+        del function.metadata_props[:]
+        function.doc_string = ""
+        for node in function.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    proto.doc_string = ""
+    proto.producer_version = ""  # keeps the bytes independent of the torch / ONNX Runtime build that wrote them
+    return proto
+
+
+def save_portable(proto: Any, path: Path | str) -> None:
+    """`onnx.save` after `strip_provenance`: every ONNX file a stage writes goes through here."""
+    import onnx
+
+    onnx.save(strip_provenance(proto), str(path))
+
+
 def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -> str:
     """Export with the dynamo exporter (batch and sequence axes dynamic); returns the form exported
     (`canonical` for a BERT encoder, else `traced`). `value_info` is cleared: the exporter's intermediate
@@ -117,8 +154,7 @@ def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -
         program.save(str(raw))
         proto = onnx.load(str(raw))
     del proto.graph.value_info[:]
-    proto.producer_version = ""  # keeps the bytes independent of the torch build that wrote them
-    onnx.save(proto, str(path))
+    save_portable(proto, path)
     return form
 
 
@@ -179,9 +215,7 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
         )
         stats = {k: int(v) for k, v in sorted(model.get_fused_operator_statistics().items()) if v}
         model.save_model_to_file(str(prepared))  # adds the com.microsoft opset the fused nodes need
-        out = onnx.load(str(prepared))
-        out.producer_version = ""
-        onnx.save(out, str(dst))
+        save_portable(onnx.load(str(prepared)), dst)
     return stats
 
 
@@ -247,8 +281,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, contrib_ops: 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if contrib_ops else {}
     quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8, extra_options=extra)
     proto = onnx.load(str(dst))
-    if drop_unused_nodes(proto):
-        onnx.save(proto, str(dst))
+    drop_unused_nodes(proto)
+    save_portable(proto, dst)
 
 
 def drop_unused_nodes(proto: Any) -> int:
@@ -279,16 +313,27 @@ def latency_ms(sess: Any, texts: TokenizedTexts, runs: int, warmup: int = 10) ->
     return latency_side_by_side({"one": sess}, texts, runs, rounds=1, warmup=warmup)["one"]
 
 
-def latency_side_by_side(
-    sessions: dict[str, Any], texts: TokenizedTexts, runs: int, rounds: int = 5, warmup: int = 10
-) -> dict[str, dict[str, float]]:
-    """`latency_ms` of several sessions (ONNX Runtime sessions, or any callable on feeds), measured in
-    interleaved rounds over the same queries."""
-    fns = {
+def _callables(sessions: dict[str, Any]) -> dict[str, Any]:
+    return {
         name: sess if callable(sess) else (lambda one, s=sess: s.run(["logits"], one))
         for name, sess in sessions.items()
     }
-    samples = side_by_side(fns, _batch1(texts), runs, rounds=rounds, warmup=warmup)
+
+
+def latency_samples(
+    sessions: dict[str, Any], texts: TokenizedTexts, runs: int, rounds: int = 5, warmup: int = 10
+) -> dict[str, list[float]]:
+    """Batch-1 milliseconds of several sessions (ONNX Runtime sessions, or any callable on feeds), in
+    interleaved rounds over the same queries (`side_by_side`). Each session runs a block of calls at a time:
+    calling them in turn per query would let one session's spinning threads slow the next one's call."""
+    return side_by_side(_callables(sessions), _batch1(texts), runs, rounds=rounds, warmup=warmup)
+
+
+def latency_side_by_side(
+    sessions: dict[str, Any], texts: TokenizedTexts, runs: int, rounds: int = 5, warmup: int = 10
+) -> dict[str, dict[str, float]]:
+    """`latency_ms` of several sessions, measured in interleaved rounds over the same queries."""
+    samples = latency_samples(sessions, texts, runs, rounds, warmup)
     return {name: percentiles(values) for name, values in samples.items()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,3 +39,30 @@ def side_by_side(
         for name, fn in fns.items():
             samples[name] += timed_calls(fn, chunk)
     return samples
+
+
+def round_medians(samples: Sequence[float], rounds: int) -> list[float]:
+    """Median of each round's samples, as `side_by_side` lays them out (rounds one after the other)."""
+    per = max(1, len(samples) // max(1, rounds))
+    chunks = [samples[i : i + per] for i in range(0, per * max(1, rounds), per)]
+    return [statistics.median(chunk) for chunk in chunks if chunk]
+
+
+def relative_speed(samples: dict[str, list[float]], reference: str, rounds: int) -> tuple[dict[str, float], float]:
+    """(each callable's time relative to `reference`, noise) from `side_by_side` samples.
+
+    Within each round a callable's median is divided by the reference's median of the same round, so a
+    drift in machine load between rounds cancels; the estimate is the median of those ratios over rounds.
+    The noise is the largest relative standard error of any such estimate (1.25 x the robust spread of the
+    per-round ratios, IQR / 1.35, over the square root of the number of rounds): two callables whose
+    times differ by less than about twice it cannot be told apart by this run."""
+    ref = round_medians(samples[reference], rounds)
+    out, noise = {}, 0.0
+    for name, values in samples.items():
+        ratios = [m / r for m, r in zip(round_medians(values, rounds), ref, strict=False) if r > 0]
+        mid = statistics.median(ratios)
+        out[name] = round(mid, 4)
+        if name != reference and len(ratios) >= 4:
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            noise = max(noise, 1.2533 * (q3 - q1) / 1.349 / math.sqrt(len(ratios)) / mid)
+    return out, round(noise, 4)

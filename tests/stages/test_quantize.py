@@ -46,8 +46,12 @@ def test_exports_quantizes_and_records_the_frontier(inputs):
     assert metrics["chosen"] in ("dynamic", "static")
     chosen = (out / "variants" / f"{metrics['chosen']}.onnx").read_bytes()
     assert (out / "model.int8.onnx").read_bytes() == chosen
+    timings = json.loads((out / "timings.json").read_text())
     for name in ("dynamic", "static"):
-        assert {"accuracy", "size_mb", "latency_ms", "accuracy_drop_points"} <= set(metrics["frontier"][name])
+        assert {"accuracy", "size_mb", "accuracy_drop_points"} <= set(metrics["frontier"][name])
+        assert "latency_ms" not in metrics["frontier"][name]  # timings live in their own file
+        assert timings["latency_ms"][name]["p50"] > 0 and timings["time_vs_fp32"][name] > 0
+    assert timings["margin_used"] == max(0.05, round(2 * timings["noise"], 4))
     graph = onnx.load(str(out / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     dims = graph.input[0].type.tensor_type.shape.dim
@@ -75,21 +79,36 @@ def test_parity_check_fails_on_a_broken_export(inputs, tmp_path):
 
 
 def frontier(**rows):
-    return {
-        name: {"accuracy": acc, "accuracy_drop_points": drop, "latency_ms": {"p50": p50}}
-        for name, (acc, drop, p50) in rows.items()
-    }
+    scores = {name: {"accuracy": acc, "accuracy_drop_points": drop} for name, (acc, drop, _) in rows.items()}
+    return scores, {name: p50 for name, (_, _, p50) in rows.items()}
 
 
 def test_choice_is_the_fastest_within_budget():
-    f = frontier(dynamic=(0.90, 0.4, 2.0), static=(0.89, 1.4, 1.0))
-    assert quantize.choose(f, 0.5, 0.05)[:2] == ("dynamic", True)
-    assert quantize.choose(f, 2.0, 0.05)[:2] == ("static", True)
+    f, p50 = frontier(dynamic=(0.90, 0.4, 2.0), static=(0.89, 1.4, 1.0))
+    assert quantize.choose(f, p50, 0.5, 0.05)[:2] == ("dynamic", True)
+    assert quantize.choose(f, p50, 2.0, 0.05)[:2] == ("static", True)
+
+
+def test_speeds_within_the_margin_are_a_tie_broken_by_accuracy_then_variant_order():
+    f, _ = frontier(dynamic=(0.90, 0.2, 0), static=(0.91, 0.1, 0))
+    # static is 4% faster, then 4% slower: inside a 5% margin both runs keep the more accurate one
+    for p50 in ({"dynamic": 1.00, "static": 0.96}, {"dynamic": 0.96, "static": 1.00}):
+        assert quantize.choose(f, p50, 0.5, 0.05)[0] == "static"
+    # outside the margin the faster wins
+    assert quantize.choose(f, {"dynamic": 0.80, "static": 1.00}, 0.5, 0.05)[0] == "dynamic"
+    # equal accuracy and speed: the earlier in quantize.variants, whatever the names
+    f, _ = frontier(static=(0.90, 0.2, 0), dynamic=(0.90, 0.2, 0))
+    assert quantize.choose(f, {"dynamic": 1.0, "static": 1.01}, 0.5, 0.05)[0] == "static"
+    # the reason quotes no timing, so it is byte-stable whenever the choice is
+    assert (
+        quantize.choose(f, {"dynamic": 1.0, "static": 1.01}, 0.5, 0.05)[2]
+        == quantize.choose(f, {"dynamic": 1.03, "static": 1.0}, 0.5, 0.05)[2]
+    )
 
 
 def test_a_missed_budget_keeps_the_most_accurate_and_says_so(inputs):
-    f = frontier(dynamic=(0.80, 3.0, 2.0), static=(0.82, 1.0, 1.0))
-    name, met, why = quantize.choose(f, 0.5, 0.05)
+    f, p50 = frontier(dynamic=(0.80, 3.0, 2.0), static=(0.82, 1.0, 1.0))
+    name, met, why = quantize.choose(f, p50, 0.5, 0.05)
     assert (name, met) == ("static", False) and "no INT8 variant within 0.5 points" in why
 
 

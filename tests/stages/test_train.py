@@ -177,6 +177,8 @@ def test_deepspeed_zero2_bf16_trains_and_saves_fp32(tmp_path, fitted_teacher):
         "device": "cpu",
         "zero_stage": 2,
         "world_size": 1,
+        "deterministic": True,
+        "cpu_threads": torch.get_num_threads(),
     }
     losses = [c["loss"] for c in summary["curves"]]
     assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < np.mean(losses[:2])
