@@ -73,8 +73,8 @@ class PublishParams:
     version: str = "auto"  # auto: the next major version; or an explicit x.y.z
     tag: bool = False  # an annotated git tag <model>@v<version> (GTO's form)
     gates: dict[str, float] = field(default_factory=dict)  # see stages.common.gates.Gates
-    # End-to-end p50s this close count as equally fast (the more accurate variant wins): timing noise
-    # below it cannot change what is published.
+    # Variants within max(this, twice the noise benchmark measured) end to end count as equally fast (the
+    # more accurate wins): timing noise cannot change what is published.
     latency_margin: float = 0.05
 
     def __post_init__(self) -> None:

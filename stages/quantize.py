@@ -69,8 +69,8 @@ class QuantizeParams:
     qat_lr: float = 2e-5
     max_accuracy_drop: float = 0.5  # points of validation accuracy an INT8 variant may lose against fp32
     strict: bool = False  # true: exit non-zero when no variant meets the budget
-    latency_runs: int = 400  # batch-1 runs per variant for the model-only latency
-    rounds: int = 20  # ...in this many interleaved rounds (the spread of the per-round ratios gives the noise)
+    latency_runs: int = 1000  # batch-1 runs per variant for the model-only latency (sub-millisecond each)
+    rounds: int = 40  # ...in this many interleaved rounds (the spread of the per-round ratios gives the noise)
     latency_margin: float = 0.05  # variants this close in p50 count as equally fast
     threads: int = 2
     max_length: int = 64

@@ -46,9 +46,9 @@ class OptimParams:
     # near-equal width (2x faster on short, varied queries); 0 = plain shuffle. Seeded like the shuffle.
     length_window: int = 50
     seed: int = 0
-    # PyTorch's deterministic algorithms (and a fixed thread count): the same commit, data, params and machine
-    # give byte-identical weights. On CPU it costs nothing measurable; on CUDA some kernels are slower, and an
-    # op with no deterministic kernel fails the stage naming it (set false there to trade bytes for speed).
+    # PyTorch's deterministic algorithms, every generator seeded: the same commit, data, params and machine
+    # (whose core count fixes the thread count) give byte-identical weights. On CUDA some kernels are slower,
+    # and an op with no deterministic kernel fails the stage naming it (set false there to trade bytes for speed).
     deterministic: bool = True
 
     def __post_init__(self) -> None:

@@ -65,6 +65,17 @@ def test_two_runs_write_identical_model_files(inputs):
         assert (inputs / "b" / name).read_bytes() == (inputs / "c" / name).read_bytes(), name
 
 
+def test_calibration_reads_a_validation_split_of_any_size(inputs):
+    _, tok, _ = load(inputs / "data/05_train/student")
+    texts = TokenizedTexts(tok, [f"query number {i}" for i in range(50)], 16)  # not a multiple of 16
+    reader = quantize._Rows(texts, rows=256)  # more calibration rows asked for than there are
+    sizes = []
+    while (batch := reader.get_next()) is not None:
+        sizes.append(batch["input_ids"].shape[0])
+    assert sizes == [16, 16, 16, 2]
+    assert [b["input_ids"].shape[0] for b in quantize._Rows(texts, rows=20).batches] == [16, 4]
+
+
 def test_parity_check_fails_on_a_broken_export(inputs, tmp_path):
     model, tok, _ = load(inputs / "data/05_train/student")
     path = tmp_path / "m.onnx"
