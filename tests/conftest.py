@@ -47,9 +47,9 @@ COPY_IGNORE = shutil.ignore_patterns(
 def copy_project(dest: Path, quick_benchmark: bool = False) -> Path:
     """Copy the project's sources, params, pipeline and demo data into `dest`, as a fresh git repo. With
     `quick_benchmark`, the benchmark stage times fewer runs and skips the memory probes (tests check what
-    it measures, not how precisely), and speeds within 50% count as equal, so that the choices made by
-    timing (quantize's variant, publish's candidate) fall to accuracy and order: a test that reruns or
-    rebuilds a stage must not depend on how busy the machine is."""
+    it measures, not how precisely), and publish counts speeds within 50% as equal, so that its choice
+    falls to accuracy and order: a test that reruns or rebuilds a stage must not depend on how busy the
+    machine is."""
     shutil.copytree(ROOT, dest, ignore=COPY_IGNORE)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     if quick_benchmark:
@@ -58,7 +58,6 @@ def copy_project(dest: Path, quick_benchmark: bool = False) -> Path:
         params = yaml.safe_load((dest / "params.yaml").read_text())
         params["benchmark"].update(latency_runs=40, rounds=2, throughput_batches=2, memory=False, gemm_square=256)
         params["build"].update(latency_runs=40)
-        params["quantize"].update(latency_margin=0.5)
         params["publish"].update(latency_margin=0.5)
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
