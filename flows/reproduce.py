@@ -9,7 +9,8 @@ dvc.lock recorded before. Outputs that differ are left in place (dvc.lock then r
 stage downstream of a difference reruns on other inputs: the table says so.
 
 `--copies` copies the project's sources (what git tracks, plus untracked files it does not ignore) into two
-scratch folders beside the project (relative data paths such as `../shared/...` resolve the same), runs
+scratch folders, each a sibling of the project (relative data paths such as `../shared/...` resolve the
+same; `--scratch` elsewhere must keep that depth), runs
 `dvc repro` in each, one after the other, and compares their dvc.lock files.
 
 Outputs declared `cache: false` in dvc.yaml are run records (timings, Data Docs): listed, never
@@ -195,24 +196,27 @@ def copies(root: Path, until: str | None = None, scratch: Path | None = None, ke
     """Two clean copies, `dvc repro` (through `until`) in each, one after the other; compare the locks."""
     root = root.resolve()
     stages = stages_until(root, until)
-    base = Path(tempfile.mkdtemp(prefix=f".{root.name}-reproduce-", dir=scratch or root.parent))
+    made: list[Path] = []
     try:
         locks, caches = [], []
         for label in ("a", "b"):
-            copy = clean_copy(root, base / label / root.name)
+            # each copy a sibling of the project, so `../shared/...` in params resolves to the same data
+            copy = Path(tempfile.mkdtemp(prefix=f".{root.name}-reproduce-{label}-", dir=scratch or root.parent))
+            made.append(clean_copy(root, copy))
             say(f"reproduce: copy {label}: dvc repro{' ' + until if until else ''} in {copy}")
             start = time.perf_counter()
             dvc(copy, "repro", *([until] if until else []))
             say(f"reproduce: copy {label} done ({time.perf_counter() - start:.0f} s)")
             locks.append(read_lock(copy))
             caches.append(cache_dir(copy))
-        records = uncached_outputs(base / "a" / root.name)
+        records = uncached_outputs(made[0])
         return [compare_stage(s, locks[0].get(s, {}), locks[1].get(s, {}), records, tuple(caches)) for s in stages]
     finally:
-        if keep:
-            say(f"reproduce: copies kept in {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        for copy in made:
+            if keep:
+                say(f"reproduce: copy kept in {copy}")
+            else:
+                shutil.rmtree(copy, ignore_errors=True)
 
 
 def rebuild(root: Path, lineage: dict[str, Any], scratch: Path | None = None, keep: bool = False) -> list[StageCheck]:
@@ -244,9 +248,9 @@ def rebuild(root: Path, lineage: dict[str, Any], scratch: Path | None = None, ke
     )
     if target is None:
         raise ReproduceError(f"cannot rebuild: no stage in lineage.json outputs {source}")
-    base = Path(tempfile.mkdtemp(prefix=f".{root.name}-rebuild-", dir=scratch or root.parent))
+    # a sibling of the project (an empty folder git clones into), so relative data paths resolve the same
+    copy = Path(tempfile.mkdtemp(prefix=f".{root.name}-rebuild-", dir=scratch or root.parent))
     try:
-        copy = base / root.name
         for args in (
             ["clone", "-q", "--no-checkout", str(root), str(copy)],
             ["-C", str(copy), "checkout", "-q", git["commit"]],
@@ -277,9 +281,9 @@ def rebuild(root: Path, lineage: dict[str, Any], scratch: Path | None = None, ke
         return checks
     finally:
         if keep:
-            say(f"reproduce: rebuild kept in {base}")
+            say(f"reproduce: rebuild kept in {copy}")
         else:
-            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def compare_payload(copy: Path, lineage: dict[str, Any]) -> StageCheck:
