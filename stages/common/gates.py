@@ -1,13 +1,10 @@
 """The publish gates (`publish.gates`) and the one candidate rule: publish checks the gates on benchmark's
-figures and chooses the variant it ships (`choose_candidate`); the lineage audit reads the same rule."""
+figures and chooses the variant it ships (`choose_candidate`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from stages.common.params import from_dict, load_section
 
 
 @dataclass(frozen=True)
@@ -36,11 +33,6 @@ class Gates:
             "max_size_mb": (row["size_mb"], row["size_mb"] <= self.max_size_mb, self.max_size_mb),
         }
         return {k: {"measured": v, "passed": bool(ok), "limit": lim} for k, (v, ok, lim) in measured.items()}
-
-
-def read_gates(params_file: str | Path) -> Gates:
-    section = load_section("publish", params_file)
-    return from_dict(Gates, section.get("gates") or {}, "publish.gates")
 
 
 def failed_gates(checked: dict[str, dict[str, Any]]) -> list[str]:
