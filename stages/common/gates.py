@@ -51,8 +51,8 @@ def merged_rows(results: dict[str, Any], timings: dict[str, Any]) -> dict[str, d
 
 
 def e2e_speed(row: dict[str, Any]) -> float:
-    """End-to-end time at batch 1 for comparing variants: the median per-call ratio to a common reference
-    where benchmark measured one (steadier than a p50), else the p50."""
+    """End-to-end time at batch 1 for comparing variants: the median over benchmark's rounds of the ratio to
+    a common reference within each round, where benchmark measured one (steadier than a p50), else the p50."""
     e2e = row["latency_ms"]["end_to_end"]
     return e2e.get("vs_student_pruned", e2e["p50"])
 
