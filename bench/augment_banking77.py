@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from stages.augment import AugmentParams, Editor, augment, content_words  # noqa: E402
 from stages.clean import CleanParams, clean  # noqa: E402
-from stages.common.metrics import accuracy, macro_f1  # noqa: E402
-from stages.common.synonyms import build_synonyms, load_embeddings  # noqa: E402
+from stages.data.synonyms import build_synonyms, load_embeddings  # noqa: E402
 from stages.ingest import IngestParams, ingest, read_source  # noqa: E402
+from stages.model.evaluation import accuracy, macro_f1  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
 BUCKETS = 1 << 18

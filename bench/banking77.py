@@ -29,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages.common.gates import merged_rows  # noqa: E402
+from stages.records import BenchmarkResults, BenchmarkTimings  # noqa: E402
 from tests.conftest import copy_project  # noqa: E402  (one way to copy the project, shared with the tests)
 
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
@@ -90,8 +90,8 @@ def run_stage(root: Path, stage: str) -> float:
 def onnx_row(path: Path, texts, test, labels, reference: np.ndarray | None = None) -> tuple[dict, object]:
     """Test accuracy and size of an ONNX model and its agreement with `reference`; and its session, for
     `measure`'s latencies."""
-    from stages.common.metrics import accuracy, macro_f1
-    from stages.common.onnx_runtime import ort_logits, session, size_mb
+    from stages.model.evaluation import accuracy, macro_f1
+    from stages.runtime.onnx import ort_logits, session, size_mb
 
     sess = session(path, threads=2)
     logits = ort_logits(sess, texts)
@@ -113,8 +113,8 @@ def measure(root: Path) -> dict:
     targets use are not skewed by a drift in machine load between separate measurements."""
     import polars as pl
 
-    from stages.common.encoder import TokenizedTexts, load
-    from stages.common.onnx_runtime import export_onnx, latency_side_by_side
+    from stages.model.encoder import TokenizedTexts, load
+    from stages.runtime.onnx import export_onnx, latency_side_by_side
 
     test = pl.read_parquet(root / "data/02_clean/test.parquet")
     student, tok, labels = load(root / "data/05_train/student")
@@ -179,8 +179,9 @@ def main() -> int:
         build = json.loads((root / DONE_WHEN["build"]).read_text())
         for name, timing in json.loads((root / "data/08_build/timings.json").read_text())["engines"].items():
             build["engines"][name].update(timing)  # the manifest's results with the build's timings
-        bench = json.loads((root / DONE_WHEN["benchmark"]).read_text())
-        bench["variants"] = merged_rows(bench, json.loads((root / "data/09_benchmark/timings.json").read_text()))
+        results = BenchmarkResults.read(root / DONE_WHEN["benchmark"])
+        timings = BenchmarkTimings.read(root / "data/09_benchmark/timings.json")
+        bench = {"variants": {n: {**r.to_dict(), **timings.variants[n].to_dict()} for n, r in results.variants.items()}}
         table = (root / "data/09_benchmark/report.md").read_text()
         audit = audit_published(root)
     report(m, onnx, times)

@@ -31,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.common.encoder import TokenizedTexts  # noqa: E402
-from stages.common.onnx_runtime import latency_side_by_side, session  # noqa: E402
-from stages.common.timing import percentiles, side_by_side  # noqa: E402
+from stages.model.encoder import TokenizedTexts  # noqa: E402
+from stages.runtime.onnx import latency_side_by_side, session  # noqa: E402
+from stages.runtime.timing import percentiles, side_by_side  # noqa: E402
 
 THREADS = (1, 2)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -38,25 +38,12 @@ from typing import Any
 import yaml
 
 from flows.reproduce import ReproduceError, cache_dir, rebuild, table
-
-VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
-SUMS = "SHA256SUMS"
-
-
-class AuditError(Exception):
-    """The version cannot be audited (not found, malformed); exit code 2."""
+from stages.registry import SUMS, Lineage, RegistryError, read_lineage, read_sums, resolve
+from stages.storage.hashing import md5_file, sha256_file
 
 
 class Mismatch(Exception):
     """A hash that does not match its record; exit code 1."""
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def registry_of(root: Path, registry: str | None) -> Path:
@@ -67,43 +54,12 @@ def registry_of(root: Path, registry: str | None) -> Path:
     return root / registry
 
 
-def resolve(registry: Path, spec: str) -> Path:
-    """`model` or `model@version` (also `model@vX.Y.Z`, as git tags write it) to the version folder."""
-    model, _, version = spec.partition("@")
-    version = version.removeprefix("v")
-    if not model or "/" in model or ".." in model:
-        raise AuditError(f"{spec!r}: not a model name")
-    if version and ("/" in version or ".." in version or not VERSION.match(version)):
-        raise AuditError(f"{spec!r}: {version!r} is not a version x.y.z (a path separator or '..' is refused)")
-    model_dir = registry / model
-    versions = sorted(
-        (d.name for d in model_dir.iterdir() if VERSION.match(d.name) and (d / SUMS).is_file())
-        if model_dir.is_dir()
-        else [],
-        key=lambda v: tuple(int(x) for x in v.split(".")),
-    )
-    if not versions:
-        raise AuditError(f"{model_dir}: no published version of {model}")
-    if not version:
-        return model_dir / versions[-1]
-    if version not in versions:
-        raise AuditError(f"{model}@{version}: not in {model_dir} (versions: {', '.join(versions)})")
-    return model_dir / version
-
-
-def read_lineage(folder: Path) -> dict[str, Any]:
-    path = folder / "lineage.json"
-    if not path.is_file():
-        raise AuditError(f"{path}: not found")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 # ---- show ---------------------------------------------------------------------------------------------
 
 
-def producers(lineage: dict[str, Any]) -> list[tuple[str, str]]:
+def producers(lineage: Lineage) -> list[tuple[str, str]]:
     """(out path, stage) for every output in the lineage, folders included."""
-    return [(o["path"], s["name"]) for s in lineage["stages"] for o in s.get("outs") or []]
+    return [(o["path"], s["name"]) for s in lineage.stages for o in s.get("outs") or []]
 
 
 def producer_of(outs: list[tuple[str, str]], path: str) -> str | None:
@@ -136,24 +92,23 @@ def short(md5: str | None) -> str:
 def show(folder: Path) -> str:
     lineage = read_lineage(folder)
     outs = producers(lineage)
-    stages = {s["name"]: s for s in lineage["stages"]}
-    git = lineage.get("git", {})
+    stages = {s["name"]: s for s in lineage.stages}
+    git, machine = lineage.git, lineage.fingerprint
     lines = [
-        f"{lineage['model']}@{lineage['version']}  {folder}",
-        f"  variant {lineage['variant']}, content sha256 {lineage['content_digest']}",
+        f"{lineage.model}@{lineage.version}  {folder}",
+        f"  variant {lineage.variant}, content sha256 {lineage.content_digest}",
         f"  published from git {git.get('commit') or 'none'}"
         + (f" (uncommitted: {', '.join(git.get('modified') or [])})" if git.get("modified") else ""),
-        f"  machine {lineage.get('fingerprint', {}).get('cpu', {}).get('model', '?')}, "
-        f"fingerprint {str(lineage.get('fingerprint', {}).get('digest', '?'))[:12]}",
+        f"  machine {machine.get('cpu', {}).get('model', '?')}, fingerprint {str(machine.get('digest', '?'))[:12]}",
         "  files:",
-        *[f"    {name}  sha256 {digest[:16]}" for name, digest in sorted(lineage["files"].items())],
+        *[f"    {name}  sha256 {digest[:16]}" for name, digest in sorted(lineage.files.items())],
         "",
         "publish",
-        "  params   " + ", ".join(flat_params({"params.yaml": {"publish": lineage["publish"]["params"]}})),
-        f"  model    {lineage['published_from']['file']}  sha256 {lineage['published_from']['sha256'][:16]}",
+        "  params   " + ", ".join(flat_params({"params.yaml": {"publish": lineage.publish["params"]}})),
+        f"  model    {lineage.published_from['file']}  sha256 {lineage.published_from['sha256'][:16]}",
     ]
     queue: list[str] = []
-    for r in lineage["publish"]["reads"]:
+    for r in lineage.publish["reads"]:
         within = "" if r["path"] == r["out"] else f" (in {r['out']})"
         lines.append(f"  reads    {r['path']}{within}  md5 {short(r['md5'])}  <- {r['stage']}")
         if r["stage"] not in queue:
@@ -190,7 +145,7 @@ def show(folder: Path) -> str:
     if rest:
         lines += ["", "not on the chain of the published files: " + ", ".join(rest)]
     lines += ["", "raw source"]
-    for s in lineage.get("sources") or []:
+    for s in lineage.sources:
         lines.append(f"  {s.get('role')}  {s.get('uri')}  sha256 {s.get('sha256')}  ({s.get('rows')} rows)")
     return "\n".join(lines)
 
@@ -199,18 +154,14 @@ def show(folder: Path) -> str:
 
 
 def verify_published(folder: Path) -> int:
-    sums_file = folder / SUMS
-    if not sums_file.is_file():
-        raise Mismatch(f"{sums_file}: missing")
-    listed = {}
-    for line in sums_file.read_text(encoding="utf-8").splitlines():
-        digest, _, name = line.partition("  ")
-        listed[name] = digest
+    if not (folder / SUMS).is_file():
+        raise Mismatch(f"{folder / SUMS}: missing")
+    listed = read_sums(folder)
     for name, digest in sorted(listed.items()):
         path = folder / name
         if not path.is_file():
             raise Mismatch(f"{path}: listed in {SUMS} but missing")
-        actual = file_digest(path, "sha256")
+        actual = sha256_file(path)
         if actual != digest:
             raise Mismatch(f"{path}: sha256 {actual}, {SUMS} records {digest}")
     for path in sorted(folder.rglob("*")):
@@ -222,22 +173,20 @@ def verify_published(folder: Path) -> int:
 
 def git_blob_md5(root: Path, commit: str, path: str) -> str | None:
     """MD5 of `path` as committed in `commit`, or None when git does not have it there."""
-    import subprocess
-
     proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
     return hashlib.md5(proc.stdout).hexdigest() if proc.returncode == 0 else None
 
 
-def verify_upstream(lineage: dict[str, Any], cache: Path, root: Path) -> dict[str, Any]:
+def verify_upstream(lineage: Lineage, cache: Path, root: Path) -> dict[str, Any]:
     """Re-hash every recorded output and input: from the DVC cache where it holds them, else from the git
     commit of the lineage (code, the demo data) unless the file was uncommitted at publish time."""
     counts: dict[str, Any] = {"cache": 0, "git": 0, "absent": []}
-    git = lineage.get("git") or {}
+    git = lineage.git
     uncommitted = set(git.get("modified") or [])
     done = set()
     records = [
         (item, s["name"])
-        for s in lineage["stages"]
+        for s in lineage.stages
         for item in (s.get("outs") or []) + (s.get("deps") or [])
         if item.get("md5")
     ]
@@ -264,7 +213,7 @@ def verify_upstream(lineage: dict[str, Any], cache: Path, root: Path) -> dict[st
             else:
                 counts["git"] += 1
             continue
-        actual = file_digest(obj, "md5")
+        actual = md5_file(obj)
         if actual != md5.removesuffix(".dir"):
             raise Mismatch(f"{where}: DVC cache object {obj} hashes to {actual}, lineage records {md5}")
         counts["cache"] += 1
@@ -273,7 +222,7 @@ def verify_upstream(lineage: dict[str, Any], cache: Path, root: Path) -> dict[st
                 part = cache / entry["md5"][:2] / entry["md5"][2:]
                 if not part.is_file():
                     continue
-                got = file_digest(part, "md5")
+                got = md5_file(part)
                 if got != entry["md5"]:
                     raise Mismatch(
                         f"{item['path']}/{entry['relpath']} (stage {stage}): DVC cache object {part} hashes to "
@@ -291,7 +240,7 @@ def verify(root: Path, folder: Path) -> str:
     absent = counts["absent"]
     note = f"; not checked (neither in the DVC cache nor committed): {', '.join(absent)}" if absent else ""
     return (
-        f"verify: {lineage['model']}@{lineage['version']} OK: {published} published files match {SUMS}; "
+        f"verify: {lineage.model}@{lineage.version} OK: {published} published files match {SUMS}; "
         f"{counts['cache']} DVC cache objects and {counts['git']} committed files of the upstream stages match "
         f"lineage.json{note}"
     )
@@ -310,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = resolve(registry_of(args.root, args.registry), args.model)
         print(show(folder) if args.command == "show" else verify(args.root, folder))
         if args.command == "verify" and args.rebuild:
-            checks = rebuild(args.root, read_lineage(folder), args.scratch)
+            checks = rebuild(args.root, read_lineage(folder).to_dict(), args.scratch)
             print(table(checks))
             bad = [c for c in checks if not c.ok]
             if bad:
@@ -319,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReproduceError as exc:
         print(f"lineage: error: {exc}", file=sys.stderr)
         return 2
-    except AuditError as exc:
+    except RegistryError as exc:
         print(f"lineage: error: {exc}", file=sys.stderr)
         return 2
     except Mismatch as exc:

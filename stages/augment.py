@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.dataset import conform
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.params import from_dict
-from stages.common.synonyms import STOP_WORDS, build_synonyms, describe_source, load_embeddings
-from stages.common.text import dedup_text_key
+from stages.data.dataset import conform
+from stages.data.synonyms import STOP_WORDS, build_synonyms, describe_source, load_embeddings
+from stages.data.text import dedup_text_key
+from stages.runner.cli import read_frames, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import from_dict, read_params
+from stages.storage.atomic import outputs
 
 OPS = ("synonym", "swap", "delete", "insert", "back_translation")
 CORE = re.compile(r"^(\W*)(\w(?:[\w'’-]*\w)?)(\W*)$")
@@ -40,9 +40,9 @@ class SynonymParams:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_similarity < 1.0:
-            raise ValueError(f"augment.synonyms.min_similarity must be in (0, 1), got {self.min_similarity}")
+            raise ParamError(f"augment.synonyms.min_similarity must be in (0, 1), got {self.min_similarity}")
         if not isinstance(self.max_neighbours, int) or self.max_neighbours < 1:
-            raise ValueError(f"augment.synonyms.max_neighbours must be a positive integer, got {self.max_neighbours!r}")
+            raise ParamError(f"augment.synonyms.max_neighbours must be a positive integer, got {self.max_neighbours!r}")
 
 
 @dataclass(frozen=True)
@@ -82,24 +82,24 @@ class AugmentParams:
         ops = dict(self.ops or {})
         unknown = sorted(set(ops) - set(OPS))
         if unknown:
-            raise ValueError(f"augment.ops: unknown operation(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
+            raise ParamError(f"augment.ops: unknown operation(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
         for op in OPS:
             ops.setdefault(op, 0.0)
             if not isinstance(ops[op], (int, float)) or ops[op] < 0:
-                raise ValueError(f"augment.ops.{op} must be a weight >= 0, got {ops[op]!r}")
+                raise ParamError(f"augment.ops.{op} must be a weight >= 0, got {ops[op]!r}")
         object.__setattr__(self, "ops", ops)
         for rate in ("synonym_rate", "swap_rate", "delete_rate", "insert_rate"):
             if not 0.0 <= getattr(self, rate) <= 1.0:
-                raise ValueError(f"augment.{rate} must be in [0, 1], got {getattr(self, rate)}")
+                raise ParamError(f"augment.{rate} must be in [0, 1], got {getattr(self, rate)}")
         if not isinstance(self.per_row, int) or self.per_row < 0:
-            raise ValueError(f"augment.per_row must be an integer >= 0, got {self.per_row!r}")
+            raise ParamError(f"augment.per_row must be an integer >= 0, got {self.per_row!r}")
         if self.per_row > 0 and sum(ops.values()) <= 0:
-            raise ValueError(
+            raise ParamError(
                 "augment.ops: every weight is 0 but augment.per_row > 0; set per_row to 0 to turn augmentation off"
             )
         b = self.balance_to
         if not (b is None or b in ("max", "median") or (isinstance(b, int) and not isinstance(b, bool) and b > 0)):
-            raise ValueError(f"augment.balance_to must be null, a positive count, 'max' or 'median', got {b!r}")
+            raise ParamError(f"augment.balance_to must be null, a positive count, 'max' or 'median', got {b!r}")
 
     @property
     def active_ops(self) -> dict[str, float]:
@@ -206,6 +206,43 @@ def targets(counts: dict[str, int], p: AugmentParams) -> dict[str, int]:
     return {lab: min(max(n, goal), n * (1 + p.per_row)) for lab, n in counts.items()}
 
 
+@dataclass
+class _Maker:
+    """Makes one new row from an original, refusing texts seen before or held out (counted in `dropped`)."""
+
+    editor: Editor
+    ops: list[str]
+    weights: np.ndarray
+    paraphrases: dict[str, str] | None
+    held_out: set[str]
+    seen: set[str]
+    seed: int
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def make(self, row: dict[str, Any], slot: int, label: str) -> dict[str, str] | None:
+        own_key = dedup_text_key(row["text"])
+        for attempt in range(ATTEMPTS):
+            rng = _row_seed(self.seed, row["id"], slot, attempt)
+            op = self.ops[int(rng.choice(len(self.ops), p=self.weights))]
+            if op == "back_translation":
+                text = (self.paraphrases or {}).get(row["id"])
+            else:
+                edited = getattr(self.editor, op)(row["text"].split(" "), rng)
+                text = " ".join(edited) if edited else None
+            key = dedup_text_key(text) if text else None
+            if not key or key == own_key:
+                self.dropped["no_change"] += 1
+            elif key in self.held_out:
+                self.dropped["equals_val_or_test"] += 1
+            elif key in self.seen:
+                self.dropped["duplicate"] += 1
+            else:
+                self.seen.add(key)
+                return {"id": f"{row['id']}+a{slot}", "text": text, "label": label, "group": row["group"],
+                        "origin_id": row["id"], "op": op}  # fmt: skip
+        return None
+
+
 def augment(
     train: pl.DataFrame,
     val: pl.DataFrame,
@@ -217,62 +254,44 @@ def augment(
     """Pure core: the training rows plus new ones (with `origin_id`, `op`), and the report."""
     if p.ops["back_translation"] > 0 and paraphrases is None:
         raise StageError("augment.ops.back_translation > 0 but no back-translations were given")
-    editor = Editor(synonyms, p)
     held_out = {dedup_text_key(t) for t in val["text"].to_list() + test["text"].to_list()}
     seen = {dedup_text_key(t) for t in train["text"].to_list()}
     counts = {lab: n for lab, n in train.group_by("label").len().sort("label").iter_rows()}
     goal = targets(counts, p)
     ops, weights = list(p.active_ops), np.array(list(p.active_ops.values()), dtype=float)
     weights = weights / weights.sum() if len(weights) else weights
+    maker = _Maker(Editor(synonyms, p), ops, weights, paraphrases, held_out, seen, p.seed)
     new_rows: list[dict[str, str]] = []
-    made_by_op: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
     for label in sorted(counts):
         need = goal[label] - counts[label]
         originals = list(train.filter(pl.col("label") == label).sort("id").iter_rows(named=True))
         for slot in range(1, p.per_row + 1):
-            if need <= 0:
-                break
-            order = _row_seed(p.seed, f"label:{label}", slot, 0).permutation(len(originals))
+            order = _row_seed(p.seed, f"label:{label}", slot, 0).permutation(len(originals)) if need > 0 else []
             for k in order:
                 if need <= 0:
                     break
-                row = originals[k]
-                own_key = dedup_text_key(row["text"])
-                for attempt in range(ATTEMPTS):
-                    rng = _row_seed(p.seed, row["id"], slot, attempt)
-                    op = ops[int(rng.choice(len(ops), p=weights))]
-                    if op == "back_translation":
-                        text = (paraphrases or {}).get(row["id"])
-                    else:
-                        edited = getattr(editor, op)(row["text"].split(" "), rng)
-                        text = " ".join(edited) if edited else None
-                    key = dedup_text_key(text) if text else None
-                    if not key or key == own_key:
-                        dropped["no_change"] += 1
-                    elif key in held_out:
-                        dropped["equals_val_or_test"] += 1
-                    elif key in seen:
-                        dropped["duplicate"] += 1
-                    else:
-                        seen.add(key)
-                        new_rows.append(
-                            {
-                                "id": f"{row['id']}+a{slot}",
-                                "text": text,
-                                "label": label,
-                                "group": row["group"],
-                                "origin_id": row["id"],
-                                "op": op,
-                            }
-                        )
-                        made_by_op[op] += 1
-                        need -= 1
-                        break
+                made = maker.make(originals[k], slot, label)
+                if made is not None:
+                    new_rows.append(made)
+                    need -= 1
+    return _with_report(train, new_rows, counts, goal, maker.dropped, p, len(synonyms))
+
+
+def _with_report(
+    train: pl.DataFrame,
+    new_rows: list[dict[str, str]],
+    counts: dict[str, int],
+    goal: dict[str, int],
+    dropped: Counter[str],
+    p: AugmentParams,
+    synonym_words: int,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The augmented frame (sorted by id) and augment.json's report."""
     base = conform(train).with_columns(pl.col("id").alias("origin_id"), pl.lit("original").alias("op"))
     extra = pl.DataFrame(new_rows, schema=base.schema)
     out = pl.concat([base, extra]).sort("id")
     after = {lab: n for lab, n in out.group_by("label").len().sort("label").iter_rows()}
+    made_by_op = Counter(r["op"] for r in new_rows)
     report = {
         "rows": {"original": train.height, "new": extra.height, "total": out.height},
         "new_by_op": {op: made_by_op.get(op, 0) for op in OPS},
@@ -280,7 +299,7 @@ def augment(
         "labels": {lab: {"original": counts[lab], "target": goal[lab], "total": after[lab]} for lab in counts},
         # Only balancing promises a count; in uniform mode the target is a ceiling (some rows have no edit).
         "balance_targets_missed": sorted(lab for lab in counts if after[lab] < goal[lab]) if p.balance_to else [],
-        "synonym_words": len(synonyms),
+        "synonym_words": synonym_words,
         "back_translation": "on" if p.ops["back_translation"] > 0 else "off (augment.ops.back_translation is 0)",
     }
     return out, report
@@ -341,7 +360,7 @@ def content_words(texts: list[str], editor: Editor) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.augment --in data/02_clean --out data/03_augment`: reads params.yaml[augment]."""
     args = stage_args("augment", __doc__, argv, upstream="clean")
-    p = stage_params(AugmentParams, "augment", args.params)
+    p = read_params(AugmentParams, "augment", args.params)
     out = args.out
     frames = read_frames(args.inp, ("train", "val", "test"), upstream="clean")
     synonyms: dict[str, list[str]] = {}

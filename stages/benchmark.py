@@ -26,7 +26,7 @@ Latencies are measured in interleaved rounds, so load drift falls on all variant
 Publishable variants are quantize's two ONNX files and every engine, the files publish can ship (each row
 names its file and SHA-256); teacher and TF-IDF are baselines; `student_fp32` (the unpruned student,
 exported here into a temporary folder) is a reference. Benchmark measures and does not choose: publish
-applies `publish.gates` and picks the candidate (`stages.common.gates.choose_candidate`).
+applies `publish.gates` and picks the candidate (`stages.gates_tmp.choose_candidate`).
 
 Outputs: `metrics.json` (per variant: accuracy, macro-F1, worst label, size, file and SHA-256; the same
 bytes on every run of the same inputs), `timings.json` (latency, throughput, memory, efficiency, the GEMM
@@ -50,34 +50,44 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.encoder import TokenizedTexts, flops_per_token, load, load_tokenizer
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.hashing import sha256_file
-from stages.common.metrics import accuracy, macro_f1, per_label_f1
-from stages.common.onnx_runtime import export_onnx, feeds, quantize_dynamic_int8, session
-from stages.common.timing import percentiles, relative_speed, side_by_side, timed_calls
+from stages.model.encoder import TokenizedTexts, flops_per_token, load, load_tokenizer
+from stages.model.evaluation import label_quality
+from stages.records import (
+    BenchmarkResults,
+    BenchmarkTimings,
+    BuildManifest,
+    Latency,
+    Percentiles,
+    VariantResult,
+    VariantTiming,
+)
+from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import read_params
+from stages.runtime.onnx import export_onnx, feeds, quantize_dynamic_int8, session
+from stages.runtime.settings import RuntimeParams
+from stages.runtime.tensorrt import TrtRunner
+from stages.runtime.timing import percentiles, relative_speed, side_by_side, timed_calls
+from stages.storage.atomic import outputs
+from stages.storage.hashing import sha256_file
 
 
 @dataclass(frozen=True)
 class BenchmarkParams:
-    threads: int = 2  # intra-op threads of every CPU runtime (torch, ONNX Runtime)
     latency_runs: int = 300  # batch-1 queries per variant, model-only and end to end
     rounds: int = 20  # latencies are taken in this many interleaved rounds over all variants
     throughput_batches: int = 8  # batches of 32 and of 64 timed per variant
     memory: bool = True  # peak memory per variant (a fresh process each)
     gemm_square: int = 1024  # the large-square GEMM of the peak measurement (M = K = N)
     tfidf_c: float = 10.0  # inverse regularization of the logistic regression
-    max_length: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("threads", "latency_runs", "rounds", "throughput_batches", "gemm_square", "max_length"):
+        for key in ("latency_runs", "rounds", "throughput_batches", "gemm_square"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"benchmark.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ParamError(f"benchmark.{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.tfidf_c <= 0:
-            raise ValueError(f"benchmark.tfidf_c must be > 0, got {self.tfidf_c}")
+            raise ParamError(f"benchmark.tfidf_c must be > 0, got {self.tfidf_c}")
 
 
 # ---- variants ----------------------------------------------------------------------------------------
@@ -116,12 +126,12 @@ class Variant(ABC):
 
 
 class OrtVariant(Variant):
-    def __init__(self, name: str, path: Path, tokenizer: Any, p: BenchmarkParams, **kw: Any):
-        self.name, self.files, self.tokenizer, self.max_length = name, [path], tokenizer, p.max_length
+    def __init__(self, name: str, path: Path, tokenizer: Any, rt: RuntimeParams, **kw: Any):
+        self.name, self.files, self.tokenizer, self.max_length = name, [path], tokenizer, rt.max_length
         self.precision = kw.get("precision", "fp32")
         self.flops_model = kw.get("flops_model")
         providers = kw.get("providers")
-        self.sess = session(path, p.threads, providers=providers)
+        self.sess = session(path, rt.threads, providers=providers)
         if providers and self.sess.get_providers()[0] != providers[0]:
             raise StageError(f"{name}: {providers[0]} fell back to {self.sess.get_providers()}")
         self.device = "cuda" if providers else "cpu"
@@ -131,8 +141,8 @@ class OrtVariant(Variant):
 
 
 class TorchVariant(Variant):
-    def __init__(self, name: str, folder: Path, p: BenchmarkParams):
-        self.name, self.files, self.max_length = name, [folder / "model.safetensors"], p.max_length
+    def __init__(self, name: str, folder: Path, rt: RuntimeParams):
+        self.name, self.files, self.max_length = name, [folder / "model.safetensors"], rt.max_length
         self.model, self.tokenizer, _ = load(folder)
         self.flops_model = self.model
 
@@ -178,10 +188,8 @@ class TfidfVariant(Variant):
 
 
 class TrtVariant(Variant):
-    def __init__(self, name: str, plan: Path, tokenizer: Any, p: BenchmarkParams, precision: str, flops_model: Any):
-        from stages.build import TrtRunner
-
-        self.name, self.files, self.tokenizer, self.max_length = name, [plan], tokenizer, p.max_length
+    def __init__(self, name: str, plan: Path, tokenizer: Any, rt: RuntimeParams, precision: str, flops_model: Any):
+        self.name, self.files, self.tokenizer, self.max_length = name, [plan], tokenizer, rt.max_length
         self.precision, self.flops_model, self.device = precision, flops_model, "cuda"
         self.runner = TrtRunner(plan.read_bytes())
 
@@ -190,18 +198,6 @@ class TrtVariant(Variant):
 
 
 # ---- measurements ------------------------------------------------------------------------------------
-
-
-def quality(logits: np.ndarray, truth: list[int], names: list[str]) -> dict[str, Any]:
-    pred = logits.argmax(1).tolist()
-    f1 = per_label_f1(truth, pred, len(names))
-    present = sorted(set(truth))
-    worst = min(present, key=lambda k: (f1[k], names[k]))
-    return {
-        "accuracy": round(accuracy(truth, pred), 6),
-        "macro_f1": round(macro_f1(truth, pred, len(names)), 6),
-        "worst_label_f1": {"label": names[worst], "f1": round(float(f1[worst]), 6)},
-    }
 
 
 def throughput(variant: Variant, texts: list[str], batch_size: int, batches: int) -> tuple[float, float]:
@@ -275,11 +271,11 @@ def _memory_probe(spec: dict[str, Any]) -> dict[str, float]:
         return int(line.split()[1]) / 1e3  # kB
 
     before = status_mb("VmRSS")
-    p = BenchmarkParams(threads=spec["threads"], max_length=spec["max_length"])
+    rt = RuntimeParams(threads=spec["threads"], max_length=spec["max_length"])
     if spec["kind"] == "torch":
-        variant: Variant = TorchVariant("probe", Path(spec["path"]), p)
+        variant: Variant = TorchVariant("probe", Path(spec["path"]), rt)
     else:
-        variant = OrtVariant("probe", Path(spec["path"]), load_tokenizer(spec["tokenizer"]), p)
+        variant = OrtVariant("probe", Path(spec["path"]), load_tokenizer(spec["tokenizer"]), rt)
     variant.logits(spec["texts"])
     peak = status_mb("VmHWM")
     return {"peak_mb": round(peak, 1), "model_mb": round(max(0.0, peak - before), 1)}
@@ -320,7 +316,7 @@ def pareto_front(rows: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(front)
 
 
-def report_table(rows: dict[str, dict[str, Any]], candidate: str | None) -> str:
+def report_table(rows: dict[str, dict[str, Any]]) -> str:
     head = (
         "| variant | acc | macro-F1 | worst label F1 | MB | model p50 / p95 / p99 ms | end-to-end p50 / p95 ms "
         "| qps @32 | qps @64 | peak MB | of GEMM peak |"
@@ -331,7 +327,7 @@ def report_table(rows: dict[str, dict[str, Any]], candidate: str | None) -> str:
         mem = r.get("peak_memory_mb")
         frac = r.get("peak_fraction")
         lines.append(
-            f"| {name}{' (candidate)' if name == candidate else ''} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+            f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
             f"{r['worst_label_f1']['f1']:.3f} ({r['worst_label_f1']['label']}) | {r['size_mb']:.2f} | "
             f"{m['p50']:.3f} / {m['p95']:.3f} / {m['p99']:.3f} | {e['p50']:.3f} / {e['p95']:.3f} | "
             f"{r['throughput_qps']['batch_32']:.0f} | {r['throughput_qps']['batch_64']:.0f} | "
@@ -374,187 +370,184 @@ def write_plots(
     plt.close(fig)
 
 
-# ---- the stage ---------------------------------------------------------------------------------------
+# ---- the variants of this run ----------------------------------------------------------------------
 
 
-def collect_variants(args: Any, p: BenchmarkParams, train: pl.DataFrame, labels: dict[str, int], work: Path):
-    """Every variant that exists, in table order, and the memory-probe specs of those that have a file."""
-    tokenizer = load_tokenizer(args.quantize / "tokenizer")
-    teacher = TorchVariant("teacher_fp32", args.distill / "teacher", p)
-    variants: list[Variant] = [teacher]
+@dataclass(frozen=True)
+class Inputs:
+    """The folders benchmark reads, by the stage that writes each."""
+
+    clean: Path
+    distill: Path
+    train: Path
+    prune: Path
+    quantize: Path
+    build: Path
+
+
+def baselines(inputs: Inputs, train: pl.DataFrame, labels: dict[str, int], p: BenchmarkParams,
+              rt: RuntimeParams, work: Path) -> list[Variant]:  # fmt: skip
+    """The teacher (PyTorch, and exported + quantized dynamically here), TF-IDF, the unpruned student."""
+    teacher = TorchVariant("teacher_fp32", inputs.distill / "teacher", rt)
     print("benchmark: exporting and quantizing the teacher", file=sys.stderr)
-    teacher_onnx = work / "teacher.onnx"
+    teacher_onnx, teacher_int8 = work / "teacher.onnx", work / "teacher_int8.onnx"
     export_onnx(teacher.model, teacher.tokenizer, teacher_onnx, 18)
-    teacher_int8 = work / "teacher_int8.onnx"
     quantize_dynamic_int8(teacher_onnx, teacher_int8, per_channel=True)
-    variants.append(
-        OrtVariant("teacher_int8", teacher_int8, teacher.tokenizer, p, precision="int8", flops_model=teacher.model)
-    )
-    variants.append(TfidfVariant(train, labels, p))
-    student, student_tok, _ = load(args.train / "student")
+    variants: list[Variant] = [
+        teacher,
+        OrtVariant("teacher_int8", teacher_int8, teacher.tokenizer, rt, precision="int8", flops_model=teacher.model),
+        TfidfVariant(train, labels, p),
+    ]
+    student, student_tok, _ = load(inputs.train / "student")
     student_onnx = work / "student.onnx"
     export_onnx(student, student_tok, student_onnx, 18)
-    variants.append(OrtVariant("student_fp32", student_onnx, student_tok, p, flops_model=student))
-    pruned, _, _ = load(args.prune / "student")
-    variants.append(OrtVariant("student_pruned", args.quantize / "model.onnx", tokenizer, p, flops_model=pruned))
-    variants.append(
-        OrtVariant(
-            "student_int8", args.quantize / "model.int8.onnx", tokenizer, p, precision="int8", flops_model=pruned
-        )
-    )
-    first_published = len(variants) - 2  # the two quantize files and every engine below
-    manifest = json.loads((args.build / "manifest.json").read_text(encoding="utf-8"))
+    variants.append(OrtVariant("student_fp32", student_onnx, student_tok, rt, flops_model=student))
+    return variants
+
+
+def engine_variant(name: str, engine: Any, inputs: Inputs, tokenizer: Any, rt: RuntimeParams, pruned: Any) -> Variant:
+    """The variant of one built engine of build's manifest."""
+    kw = {"precision": engine.precision, "flops_model": pruned}
+    if engine.backend == "tensorrt":
+        return TrtVariant(name, inputs.build / engine.file, tokenizer, rt, engine.precision, pruned)
+    if engine.device == "cpu":
+        return OrtVariant(name, inputs.build / engine.file, tokenizer, rt, **kw)
+    src = inputs.build / engine.source if engine.source.startswith("engines/") else inputs.quantize / engine.source
+    return OrtVariant(name, src, tokenizer, rt, providers=[engine.providers[0], "CPUExecutionProvider"], **kw)
+
+
+def publishable_variants(inputs: Inputs, rt: RuntimeParams) -> tuple[list[Variant], dict[str, str]]:
+    """quantize's two files and every engine build made (what publish can ship), and the engines not
+    measured here with why."""
+    tokenizer = load_tokenizer(inputs.quantize / "tokenizer")
+    pruned, _, _ = load(inputs.prune / "student")
+    q = inputs.quantize
+    variants: list[Variant] = [
+        OrtVariant("student_pruned", q / "model.onnx", tokenizer, rt, flops_model=pruned),
+        OrtVariant("student_int8", q / "model.int8.onnx", tokenizer, rt, precision="int8", flops_model=pruned),
+    ]
+    manifest = BuildManifest.read(require(inputs.build / "manifest.json", "build"))
     skipped = {}
-    for name, engine in sorted(manifest["engines"].items()):
-        if engine["status"] != "built":
-            skipped[name] = f"{engine['status']}: {engine.get('reason', '')}"
+    for name, engine in sorted(manifest.engines.items()):
+        if not engine.built:
+            skipped[name] = f"{engine.status}: {engine.reason or ''}"
             continue
         try:
-            if engine["backend"] == "tensorrt":
-                variants.append(
-                    TrtVariant(name, args.build / engine["file"], tokenizer, p, engine["precision"], pruned)
-                )
-            elif engine["device"] == "cpu":
-                variants.append(
-                    OrtVariant(
-                        name,
-                        args.build / engine["file"],
-                        tokenizer,
-                        p,
-                        precision=engine["precision"],
-                        flops_model=pruned,
-                    )
-                )
-            else:
-                provider = engine["providers"][0]
-                src = args.build / engine["source"] if engine["source"].startswith("engines/") else None
-                src = src or args.quantize / engine["source"]
-                variants.append(
-                    OrtVariant(
-                        name,
-                        src,
-                        tokenizer,
-                        p,
-                        precision=engine["precision"],
-                        flops_model=pruned,
-                        providers=[provider, "CPUExecutionProvider"],
-                    )
-                )
+            variants.append(engine_variant(name, engine, inputs, tokenizer, rt, pruned))
         except (StageError, ImportError, RuntimeError) as exc:
             skipped[name] = f"could not load here: {exc}"
-    for v in variants[first_published:]:
+    for v in variants:
         v.artifact = v.files[0]
+    return variants, skipped
+
+
+def memory_probes(variants: list[Variant], inputs: Inputs) -> dict[str, dict[str, Any]]:
+    """What each fresh memory-probe process loads: the PyTorch teacher and every CPU ONNX variant."""
     probes = {}
     for v in variants:
         if isinstance(v, TorchVariant):
-            probes[v.name] = {"kind": "torch", "path": str(args.distill / "teacher")}
+            probes[v.name] = {"kind": "torch", "path": str(inputs.distill / "teacher")}
         elif isinstance(v, OrtVariant) and v.device == "cpu":
-            tok_dir = args.distill / "teacher" if v.name == "teacher_int8" else args.quantize / "tokenizer"
+            tok_dir = inputs.distill / "teacher" if v.name == "teacher_int8" else inputs.quantize / "tokenizer"
             if v.name == "student_fp32":
-                tok_dir = args.train / "student"
+                tok_dir = inputs.train / "student"
             probes[v.name] = {"kind": "onnx", "path": str(v.files[0]), "tokenizer": str(tok_dir)}
-    return variants, probes, skipped
+    return probes
 
 
-@stage_entrypoint("benchmark")
-def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.benchmark --in data/08_build --clean … --distill … --train … --prune … --quantize …
-    --out data/09_benchmark`."""
-    args = stage_args(
-        "benchmark", __doc__, argv, upstream="build", more=("clean", "distill", "train", "prune", "quantize")
+# ---- the measurement ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What `benchmark` returns: results (deterministic), timings, and the raw model-only samples (plots)."""
+
+    results: BenchmarkResults
+    timings: BenchmarkTimings
+    samples: dict[str, list[float]]
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Each variant's results and timings in one dict, for the report and plots."""
+        t = self.timings.variants
+        return {n: {**r.to_dict(), **t[n].to_dict()} for n, r in self.results.variants.items()}
+
+
+def score(v: Variant, texts: list[str], truth: list[int], names: list[str]) -> VariantResult:
+    print(f"benchmark: scoring {v.name}", file=sys.stderr)
+    row = {**label_quality(v.logits(texts), truth, names), "size_mb": v.size_mb()}
+    extra = {"file": v.artifact.as_posix(), "sha256": sha256_file(v.artifact)} if v.artifact is not None else {}
+    return VariantResult(**row, precision=v.precision, device=v.device, publishable=v.artifact is not None, **extra)
+
+
+def latencies(variants: list[Variant], texts: list[str], names: list[str], p: BenchmarkParams) -> tuple[dict, dict]:
+    """(model-only, end-to-end) batch-1 samples of every variant, in interleaved rounds."""
+    print("benchmark: timing batch 1 (interleaved rounds)", file=sys.stderr)
+    queries = texts[: p.latency_runs]
+    prepared = {v.name: [v.batch([q]) for q in queries] for v in variants}
+    order = list(range(len(queries)))
+    model_fns = {v.name: (lambda i, v=v: v.run_batch(prepared[v.name][i])) for v in variants}
+    model = side_by_side(model_fns, order, p.latency_runs, rounds=p.rounds)
+    e2e_fns = {v.name: (lambda i, v=v: names[v.label(queries[i])]) for v in variants}
+    return model, side_by_side(e2e_fns, order, p.latency_runs, rounds=p.rounds)
+
+
+def timing_of(v: Variant, texts: list[str], latency: Latency, peaks: dict[str, Any], memory: dict[str, float],
+              p: BenchmarkParams) -> VariantTiming:  # fmt: skip
+    print(f"benchmark: throughput of {v.name} at batch 32 and 64", file=sys.stderr)
+    qps32, _ = throughput(v, texts, 32, p.throughput_batches)
+    qps64, achieved = throughput(v, texts, 64, p.throughput_batches)
+    peak = peaks.get(v.precision, {}).get("large_square") if v.device == "cpu" else None
+    counted = v.flops_model is not None
+    return VariantTiming(
+        latency_ms=latency,
+        throughput_qps={"batch_32": qps32, "batch_64": qps64},
+        achieved_gflops=round(achieved / 1e9, 2) if counted else None,
+        peak_fraction=round(achieved / 1e9 / peak, 4) if (counted and peak) else None,
+        peak_memory_mb=memory.get("peak_mb"),
+        model_memory_mb=memory.get("model_mb"),
     )
-    args.build = args.inp
-    p = stage_params(BenchmarkParams, "benchmark", args.params)
-    torch.set_num_threads(p.threads)
-    torch.manual_seed(p.seed)
-    frames = read_frames(args.clean, ("train", "test"), upstream="clean")
-    labels = json.loads((args.clean / "labels.json").read_text(encoding="utf-8"))
+
+
+def benchmark(variants: list[Variant], test: pl.DataFrame, labels: dict[str, int], p: BenchmarkParams,
+              rt: RuntimeParams, probes: dict[str, dict[str, Any]], skipped: dict[str, str]) -> Measured:  # fmt: skip
+    """Score, time and measure every variant on the test rows, side by side in one run."""
     names = [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    test_texts = frames["test"]["text"].to_list()
-    truth = [labels[x] for x in frames["test"]["label"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        variants, probes, skipped = collect_variants(args, p, frames["train"], labels, Path(tmp))
-        rows: dict[str, dict[str, Any]] = {}
-        for v in variants:
-            print(f"benchmark: scoring {v.name}", file=sys.stderr)
-            rows[v.name] = {
-                **quality(v.logits(test_texts), truth, names),
-                "size_mb": v.size_mb(),
-                "precision": v.precision,
-                "device": v.device,
-            }
-        print("benchmark: timing batch 1 (interleaved rounds)", file=sys.stderr)
-        queries = test_texts[: p.latency_runs]
-        prepared = {v.name: [v.batch([q]) for q in queries] for v in variants}
-        order = list(range(len(queries)))
-        model_fns = {v.name: (lambda i, v=v: v.run_batch(prepared[v.name][i])) for v in variants}
-        model_samples = side_by_side(model_fns, order, p.latency_runs, rounds=p.rounds)
-        e2e_fns = {v.name: (lambda i, v=v: names[v.label(queries[i])]) for v in variants}
-        e2e_samples = side_by_side(e2e_fns, order, p.latency_runs, rounds=p.rounds)
-        peaks = gemm_peaks(p.threads, p.gemm_square, model_shape(variants, test_texts, p))
-        memory = (
-            peak_memory(
-                {
-                    k: {**s, "threads": p.threads, "max_length": p.max_length, "texts": test_texts[:256]}
-                    for k, s in probes.items()
-                }
-            )
-            if p.memory
-            else {}
+    texts, truth = test["text"].to_list(), [labels[x] for x in test["label"]]
+    results = {v.name: score(v, texts, truth, names) for v in variants}
+    model, e2e = latencies(variants, texts, names, p)
+    peaks = gemm_peaks(rt.threads, p.gemm_square, model_shape(variants, texts, rt.max_length))
+    extra = {"threads": rt.threads, "max_length": rt.max_length, "texts": texts[:256]}
+    memory = peak_memory({k: {**s, **extra} for k, s in probes.items()}) if p.memory else {}
+    # each variant relative to student_pruned within a round, and the noise of that estimate: publish's
+    # choice between close variants rests on them
+    relative, noise = relative_speed(e2e, reference="student_pruned", rounds=p.rounds)
+    timing = {}
+    for v in variants:
+        latency = Latency(
+            Percentiles(**percentiles(model[v.name])),
+            Percentiles(**percentiles(e2e[v.name]), vs_student_pruned=relative[v.name]),
         )
-        # each variant relative to student_pruned within a round, and the noise of that estimate: publish's
-        # choice between close variants rests on them
-        e2e_relative, noise = relative_speed(e2e_samples, reference="student_pruned", rounds=p.rounds)
-        timing_rows: dict[str, dict[str, Any]] = {}
-        for v in variants:
-            print(f"benchmark: throughput of {v.name} at batch 32 and 64", file=sys.stderr)
-            qps32, _ = throughput(v, test_texts, 32, p.throughput_batches)
-            qps64, achieved = throughput(v, test_texts, 64, p.throughput_batches)
-            peak = peaks.get(v.precision, {}).get("large_square") if v.device == "cpu" else None
-            timing_rows[v.name] = dict(
-                latency_ms={
-                    "model": percentiles(model_samples[v.name]),
-                    "end_to_end": {**percentiles(e2e_samples[v.name]), "vs_student_pruned": e2e_relative[v.name]},
-                },
-                throughput_qps={"batch_32": qps32, "batch_64": qps64},
-                achieved_gflops=round(achieved / 1e9, 2) if v.flops_model is not None else None,
-                peak_fraction=round(achieved / 1e9 / peak, 4) if (v.flops_model is not None and peak) else None,
-                peak_memory_mb=memory.get(v.name, {}).get("peak_mb"),
-                model_memory_mb=memory.get(v.name, {}).get("model_mb"),
-            )
-            rows[v.name]["publishable"] = v.artifact is not None
-            if v.artifact is not None:
-                rows[v.name].update(file=v.artifact.as_posix(), sha256=sha256_file(v.artifact))
-    merged = {name: {**rows[name], **timing_rows[name]} for name in rows}
-    front = pareto_front(merged)
-    publishable = [n for n, r in rows.items() if r["publishable"]]
-    # Results: the same bytes on every run of the same inputs. Timings: everything a clock measured.
-    metrics = {
-        "variants": rows,
-        "publishable": publishable,
-        "not_measured": skipped,
-        "test_rows": len(test_texts),
-        "threads": p.threads,
-        "max_length": p.max_length,
-    }
-    timings = {
-        "variants": timing_rows,
-        "peak_gflops": peaks,
-        "pareto_front": front,
-        "noise": noise,
-        "rounds": p.rounds,
-        "latency_runs": p.latency_runs,
-    }
-    table = report_table(merged, None)
-    report = "\n".join(
+        timing[v.name] = timing_of(v, texts, latency, peaks, memory.get(v.name, {}), p)
+    publishable = [n for n, r in results.items() if r.publishable]
+    res = BenchmarkResults(results, publishable, skipped, len(texts), rt.threads, rt.max_length)
+    merged = {n: {**results[n].to_dict(), **timing[n].to_dict()} for n in results}
+    times = BenchmarkTimings(timing, peaks, pareto_front(merged), noise, p.rounds, p.latency_runs)
+    return Measured(res, times, model)
+
+
+def report_md(m: Measured, p: BenchmarkParams) -> str:
+    """report.md: the table and how to read it (a view of timings.json: uncached)."""
+    r, t = m.results, m.timings
+    peaks, skipped = t.peak_gflops, r.not_measured
+    return "\n".join(
         [
             "# Benchmark",
             "",
-            f"{len(test_texts)} test rows; batch-1 latency over {p.latency_runs} real queries per variant, in "
-            f"{p.rounds} interleaved rounds; {p.threads} CPU threads. Timings, throughput, memory and efficiency "
+            f"{r.test_rows} test rows; batch-1 latency over {t.latency_runs} real queries per variant, in "
+            f"{t.rounds} interleaved rounds; {r.threads} CPU threads. Timings, throughput, memory and efficiency "
             "vary between runs and machines; accuracy figures do not.",
             "",
-            table,
+            report_table(m.rows()),
             "",
             f"GEMM peak here (GFLOP/s): fp32 {peaks['fp32']['large_square']} (square {p.gemm_square}), "
             f"{peaks['fp32']['model']} at the model's shape {peaks['shapes']['model']}; INT8 "
@@ -562,30 +555,50 @@ def main(argv: list[str] | None = None) -> int:
             "GEMM; PyTorch's own GEMM kernels can beat it (a fraction above 100%).",
             "",
             f"End to end, each variant's time relative to student_pruned in the same round has a standard error of "
-            f"{noise:.1%}: variants closer than about twice that cannot be told apart by this run.",
+            f"{t.noise:.1%}: variants closer than about twice that cannot be told apart by this run.",
             "",
-            f"Publishable (publish chooses among them under `publish.gates`): {', '.join(publishable)}. "
-            f"Pareto front: {', '.join(front)}.",
+            f"Publishable (publish chooses among them under `publish.gates`): {', '.join(r.publishable)}. "
+            f"Pareto front: {', '.join(t.pareto_front)}.",
             "",
             *([f"Not measured: {', '.join(f'{k} ({v})' for k, v in skipped.items())}.", ""] if skipped else []),
         ]
     )
+
+
+@stage_entrypoint("benchmark")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.benchmark --in data/08_build --clean … --distill … --train … --prune … --quantize …
+    --out data/09_benchmark`."""
+    upstream = ("clean", "distill", "train", "prune", "quantize")
+    args = stage_args("benchmark", __doc__, argv, upstream="build", more=upstream)
+    inputs = Inputs(build=args.inp, **{k: getattr(args, k) for k in upstream})
+    p = read_params(BenchmarkParams, "benchmark", args.params)
+    rt = read_params(RuntimeParams, "runtime", args.params)
+    torch.set_num_threads(rt.threads)
+    torch.manual_seed(p.seed)
+    frames = read_frames(args.clean, ("train", "test"), upstream="clean")
+    labels = json.loads(require(args.clean / "labels.json", "clean").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = baselines(inputs, frames["train"], labels, p, rt, Path(tmp))
+        published, skipped = publishable_variants(inputs, rt)
+        variants += published
+        m = benchmark(variants, frames["test"], labels, p, rt, memory_probes(variants, inputs), skipped)
     with outputs() as w:
-        w.json(args.out / "metrics.json", metrics)
-        w.json(args.out / "timings.json", timings)
-        w.text(args.out / "report.md", report)
-        w.text(args.out / "plots" / "pareto.csv", pareto_csv(merged, front))
-        w.text(args.out / "plots" / "latency.csv", latency_csv(merged))
-        write_plots(w.directory(args.out / "png"), merged, model_samples, front)
-    print(table)
-    print(f"benchmark: {len(rows)} variants, {len(publishable)} publishable -> {args.out}")
+        w.json(args.out / "metrics.json", m.results.to_dict())
+        w.json(args.out / "timings.json", m.timings.to_dict())
+        w.text(args.out / "report.md", report_md(m, p))
+        w.text(args.out / "plots" / "pareto.csv", pareto_csv(m.rows(), m.timings.pareto_front))
+        w.text(args.out / "plots" / "latency.csv", latency_csv(m.rows()))
+        write_plots(w.directory(args.out / "png"), m.rows(), m.samples, m.timings.pareto_front)
+    print(report_table(m.rows()))
+    print(f"benchmark: {len(m.results.variants)} variants, {len(m.results.publishable)} publishable -> {args.out}")
     return 0
 
 
-def model_shape(variants: list[Variant], texts: list[str], p: BenchmarkParams) -> tuple[int, int, int]:
+def model_shape(variants: list[Variant], texts: list[str], max_length: int) -> tuple[int, int, int]:
     """(M, K, N) of the pruned student's first FFN matmul at batch 64 and the test rows' mean length."""
     v = next(v for v in variants if v.name == "student_pruned")
-    tok = TokenizedTexts(v.tokenizer, texts, p.max_length)
+    tok = TokenizedTexts(v.tokenizer, texts, max_length)
     layer = v.flops_model.encoder.encoder.layer[0]
     return (
         64 * int(round(float(tok.lengths.mean()))),

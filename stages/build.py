@@ -2,7 +2,7 @@
 
 Always, on the CPU: ONNX Runtime engines. The transformer optimizer fuses the fp32 graph (Attention,
 SkipLayerNormalization, BiasGelu, ...): `onnxruntime_fp32`. The INT8 engine `onnxruntime_int8` is that
-fused graph quantized dynamically (INT8 weights, per channel as `quantize.per_channel`), since the
+fused graph quantized dynamically (INT8 weights, per channel as `runtime.per_channel`), since the
 fusions match float MatMuls and not an already-quantized graph. Fusing first is the order ONNX Runtime
 recommends. `engines/onnxruntime.json` holds the session options the engines were checked and timed with.
 Each engine is compared with its unfused counterpart from `quantize` on validation rows: the fp32 engine
@@ -40,11 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.encoder import TokenizedTexts, load_tokenizer
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.onnx_runtime import (
+from stages.model.encoder import TokenizedTexts, load_tokenizer
+from stages.records import BuildManifest, Engine
+from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import read_params
+from stages.runtime.onnx import (
     INPUTS,
     batched_logits,
     fuse_for_ort,
@@ -56,7 +57,9 @@ from stages.common.onnx_runtime import (
     session_options_record,
     size_mb,
 )
-from stages.common.params import load_section
+from stages.runtime.settings import RuntimeParams
+from stages.runtime.tensorrt import TrtRunner, TrtSettings, gpu_name, gpu_unavailable, tensorrt_unavailable, trt_build
+from stages.storage.atomic import dumps_json, outputs
 
 GPU_ROUTES = ("tensorrt", "onnxruntime_tensorrt", "onnxruntime_cuda")
 
@@ -64,7 +67,6 @@ GPU_ROUTES = ("tensorrt", "onnxruntime_tensorrt", "onnxruntime_cuda")
 @dataclass(frozen=True)
 class BuildParams:
     gpu: tuple[str, ...] = GPU_ROUTES  # GPU routes to try where a GPU exists; [] = CPU engines only
-    threads: int = 2  # ONNX Runtime intra-op threads (the CPU engines are checked and timed with these)
     parity_rows: int = 512  # validation rows each engine is compared on
     fp32_tolerance: float = 1e-4  # max |logit difference|: fused fp32 engine vs the unfused fp32 model
     fp16_tolerance: float = 5e-2  # max |logit difference|: FP16 GPU engines vs ONNX Runtime fp32 on CPU
@@ -77,28 +79,29 @@ class BuildParams:
     timing_cache: str = ".cache/tensorrt/timing.cache"  # kept across runs, outside DVC outputs
     require_gpu: bool = False  # true: a GPU engine that is skipped or fails makes the stage fail
     latency_runs: int = 200
-    max_length: int = 64  # tokens per text for parity and timing (as in quantize)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpu", tuple(self.gpu))
         unknown = sorted(set(self.gpu) - set(GPU_ROUTES))
         if unknown:
-            raise ValueError(f"build.gpu: unknown route(s) {unknown}; known: {list(GPU_ROUTES)}")
-        for key in ("threads", "parity_rows", "max_batch", "max_len", "opt_batch", "opt_len", "workspace_mb",
-                    "latency_runs", "max_length"):  # fmt: skip
+            raise ParamError(f"build.gpu: unknown route(s) {unknown}; known: {list(GPU_ROUTES)}")
+        for key in ("parity_rows", "max_batch", "max_len", "opt_batch", "opt_len", "workspace_mb", "latency_runs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"build.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ParamError(f"build.{key} must be a positive integer, got {getattr(self, key)!r}")
         if not (self.opt_batch <= self.max_batch and self.opt_len <= self.max_len):
-            raise ValueError(
+            raise ParamError(
                 f"build.opt_batch/opt_len ({self.opt_batch}, {self.opt_len}) must not exceed "
                 f"max_batch/max_len ({self.max_batch}, {self.max_len})"
             )
         if not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"build.min_agreement must be within [0, 1], got {self.min_agreement}")
+            raise ParamError(f"build.min_agreement must be within [0, 1], got {self.min_agreement}")
 
     def profile(self) -> dict[str, dict[str, list[int]]]:
         shapes = {"min": [1, 1], "opt": [self.opt_batch, self.opt_len], "max": [self.max_batch, self.max_len]}
         return {name: shapes for name in INPUTS}
+
+    def trt(self) -> TrtSettings:
+        return TrtSettings(self.profile(), self.workspace_mb, self.timing_cache)
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -118,104 +121,14 @@ def judge(name: str, parity: dict[str, Any], tolerance: float | None, min_agreem
     return None
 
 
-def gpu_unavailable() -> str | None:
-    """Why GPU engines cannot be built here (None when a CUDA device is usable)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    return None
-
-
-def tensorrt_unavailable() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return f"TensorRT is not installed ({exc})"
-    return None
-
-
-# ---- TensorRT (Python API) -------------------------------------------------------------------------
-
-
-def trt_build(onnx_path: Path, precision: str, p: BuildParams) -> tuple[bytes, list[str]]:
-    """Parse `onnx_path` and build a serialized TensorRT engine ('fp16', or 'int8' from a QDQ graph).
-    Returns (plan, parser errors); raises StageError when parsing or building fails, with the errors."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(onnx_path))
-    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    for line in errors:
-        print(f"build: TensorRT parser: {line}", file=sys.stderr)
-    if not parsed:
-        raise StageError(f"TensorRT could not parse {onnx_path.name}: {errors[0] if errors else 'unknown error'}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, p.workspace_mb << 20)
-    config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
-    profile = builder.create_optimization_profile()
-    for name, shapes in p.profile().items():
-        profile.set_shape(name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
-    config.add_optimization_profile(profile)
-    cache_path = Path(p.timing_cache)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise StageError(f"TensorRT failed to build the {precision} engine from {onnx_path.name}")
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + ".tmp")
-    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp.replace(cache_path)
-    return bytes(memoryview(plan)), errors
-
-
-class TrtRunner:
-    """Runs a serialized TensorRT engine on torch CUDA buffers, one batch at a time."""
-
-    def __init__(self, plan: bytes):
-        import tensorrt as trt
-        import torch
-
-        self.trt, self.torch = trt, torch
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise StageError("TensorRT could not deserialize the engine it just built")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-
-    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        torch, trt = self.torch, self.trt
-        keep = []
-        for name in INPUTS:
-            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
-            tensor = torch.from_numpy(np.ascontiguousarray(batch[name].astype(dtype))).cuda()
-            keep.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("logits", out.data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise StageError("TensorRT execution failed")
-        self.stream.synchronize()
-        return out.cpu().numpy()
-
-
 # ---- the stage -------------------------------------------------------------------------------------
 
 
 class Builder:
     """Builds the engines into `folder` and collects their manifest entries."""
 
-    def __init__(self, quantized: Path, folder: Path, texts: TokenizedTexts, p: BuildParams, per_channel: bool):
-        self.quantized, self.folder, self.texts, self.p = quantized, folder, texts, p
-        self.per_channel = per_channel
+    def __init__(self, quantized: Path, folder: Path, texts: TokenizedTexts, p: BuildParams, rt: RuntimeParams):
+        self.quantized, self.folder, self.texts, self.p, self.rt = quantized, folder, texts, p, rt
         self.engines: dict[str, dict[str, Any]] = {}
         self.refs: dict[str, tuple[Any, np.ndarray]] = {}
         self.failures: list[str] = []
@@ -223,7 +136,7 @@ class Builder:
     def reference(self, path: Path) -> tuple[Any, np.ndarray]:
         """(ONNX Runtime CPU session, logits) of an unfused model from `quantize`, made once per file."""
         if path not in self.refs:
-            sess = session(path, self.p.threads)
+            sess = session(path, self.rt.threads)
             self.refs[path] = (sess, ort_logits(sess, self.texts))
         return self.refs[path]
 
@@ -251,10 +164,12 @@ class Builder:
             if precision == "fp32":
                 fused = fuse_for_ort(fp32_src, path)
             else:
-                quantize_dynamic_int8(self.folder / "onnxruntime_fp32.onnx", path, self.per_channel, contrib_ops=True)
+                quantize_dynamic_int8(
+                    self.folder / "onnxruntime_fp32.onnx", path, self.rt.per_channel, contrib_ops=True
+                )
                 fused = self.engines["onnxruntime_fp32"]["fused_operators"]
             seconds = time.perf_counter() - start
-            sess = session(path, p.threads)
+            sess = session(path, self.rt.threads)
             fp32 = precision == "fp32"
             bounds = (p.fp32_tolerance, None) if fp32 else (None, p.min_agreement)
             parity = self.check(name, ort_logits(sess, self.texts), ref, *bounds)
@@ -322,7 +237,7 @@ class Builder:
         else:
             src = self.quantized / "model.onnx"
         start = time.perf_counter()
-        plan, warnings = trt_build(src, precision, p)
+        plan, warnings = trt_build(src, precision, p.trt())
         seconds = time.perf_counter() - start
         path = self.folder / f"{name}.plan"
         path.write_bytes(plan)
@@ -379,7 +294,7 @@ class Builder:
             src, providers = self.folder / "onnxruntime_fp32.onnx", [provider, "CPUExecutionProvider"]
         start = time.perf_counter()
         try:
-            sess = session(src, p.threads, providers=providers)
+            sess = session(src, self.rt.threads, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             raise StageError(f"{provider}: {str(exc).strip().splitlines()[0]}") from exc
         got = sess.get_providers()
@@ -405,21 +320,34 @@ class Builder:
         }
 
 
-def gpu_name() -> str:
-    import torch
-
-    return f"cuda: {torch.cuda.get_device_name(0)}"
-
-
 TIMING_KEYS = ("build_seconds", "latency_ms", "unfused_latency_ms", "speedup_vs_unfused")
 
 
-def split_timings(engines: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_timings(engines: dict[str, dict[str, Any]]) -> tuple[dict[str, Engine], dict[str, Any]]:
     """(the manifest's engines, their timings): wall-clock figures go to their own file, so the manifest
     holds the same bytes on every run of the same inputs."""
-    manifest = {n: {k: v for k, v in e.items() if k not in TIMING_KEYS} for n, e in engines.items()}
+    manifest = {
+        n: Engine.from_dict({k: v for k, v in e.items() if k not in TIMING_KEYS}, n) for n, e in engines.items()
+    }
     timings = {n: {k: e[k] for k in TIMING_KEYS if k in e} for n, e in engines.items()}
     return manifest, {n: t for n, t in timings.items() if t}
+
+
+def build_engines(
+    quantized: Path, folder: Path, texts: TokenizedTexts, p: BuildParams, rt: RuntimeParams, machine: str
+) -> tuple[BuildManifest, dict[str, Any]]:
+    """Build every engine from quantize's folder into `folder` (build's `engines/`), each checked on `texts`;
+    returns the manifest and the timings. A parity miss fails (StageError), and with `build.require_gpu` a GPU
+    engine that is skipped or fails."""
+    builder = Builder(quantized, folder, texts, p, rt)
+    builder.cpu_engines()
+    builder.gpu_engines()
+    if builder.failures:
+        raise StageError(f"build.require_gpu: {builder.failures[0]}")
+    (folder / "onnxruntime.json").write_text(dumps_json(session_options_record(rt.threads)), encoding="utf-8")
+    engines, timings = split_timings(builder.engines)
+    manifest = BuildManifest(engines=engines, machine=machine, session_options="engines/onnxruntime.json")
+    return manifest, {"engines": timings, "threads": rt.threads}
 
 
 @stage_entrypoint("build")
@@ -427,47 +355,28 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m stages.build --in data/07_quantize --clean data/02_clean --fingerprint data/00_fingerprint
     --out data/08_build`."""
     args = stage_args("build", __doc__, argv, upstream="quantize", more=("clean", "fingerprint"))
-    p = stage_params(BuildParams, "build", args.params)
-    per_channel = bool(load_section("quantize", args.params).get("per_channel", True))
-    machine_file = args.fingerprint / "fingerprint.json"
-    if not machine_file.is_file():
-        raise StageError(f"{machine_file}: not found; run the fingerprint stage first")
-    machine = json.loads(machine_file.read_text(encoding="utf-8"))
-    for name in ("model.onnx", "model.int8.onnx"):
-        if not (args.inp / name).is_file():
-            raise StageError(f"{args.inp / name}: not found; run the quantize stage first")
-    texts = _validation_texts(args, p)
+    p = read_params(BuildParams, "build", args.params)
+    rt = read_params(RuntimeParams, "runtime", args.params)
+    machine = json.loads(require(args.fingerprint / "fingerprint.json", "fingerprint").read_text(encoding="utf-8"))
+    for name in ("model.onnx", "model.int8.onnx", "tokenizer"):
+        require(args.inp / name, "quantize")
+    val = read_frames(args.clean, ("val",), upstream="clean")["val"]
+    texts = TokenizedTexts(
+        load_tokenizer(args.inp / "tokenizer"), val["text"].to_list()[: p.parity_rows], rt.max_length
+    )
     with outputs() as w:
         folder = w.directory(args.out / "engines")
-        builder = Builder(args.inp, folder, texts, p, per_channel)
-        builder.cpu_engines()
-        builder.gpu_engines()
-        if builder.failures:
-            raise StageError(f"build.require_gpu: {builder.failures[0]}")
-        (folder / "onnxruntime.json").write_text(
-            json.dumps(session_options_record(p.threads), indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
-        engines, timings = split_timings(builder.engines)
-        w.json(
-            args.out / "manifest.json",
-            {"engines": engines, "machine": machine["digest"], "session_options": "engines/onnxruntime.json"},
-        )
-        w.json(args.out / "timings.json", {"engines": timings, "threads": p.threads})
-    built = [k for k, v in builder.engines.items() if v["status"] == "built"]
-    int8 = builder.engines["onnxruntime_int8"]
+        manifest, timings = build_engines(args.inp, folder, texts, p, rt, machine["digest"])
+        w.json(args.out / "manifest.json", manifest.to_dict())
+        w.json(args.out / "timings.json", timings)
+    built = [k for k, v in manifest.engines.items() if v.built]
+    skipped = sum(v.status == "skipped" for v in manifest.engines.values())
     print(
-        f"build: {len(built)} engine(s) built ({', '.join(built)}), "
-        f"{sum(v['status'] == 'skipped' for v in builder.engines.values())} skipped; fused INT8 "
-        f"{int8['speedup_vs_unfused']:.2f}x faster than unfused at batch 1 -> {args.out}"
+        f"build: {len(built)} engine(s) built ({', '.join(built)}), {skipped} skipped; fused INT8 "
+        f"{timings['engines']['onnxruntime_int8']['speedup_vs_unfused']:.2f}x faster than unfused at batch 1 "
+        f"-> {args.out}"
     )
     return 0
-
-
-def _validation_texts(args: Any, p: BuildParams) -> TokenizedTexts:
-    """Validation rows tokenized with the tokenizer `quantize` saved next to the ONNX models."""
-    held = read_frames(args.clean, ("val",), upstream="clean")["val"]
-    tokenizer = load_tokenizer(args.inp / "tokenizer")
-    return TokenizedTexts(tokenizer, held["text"].to_list()[: p.parity_rows], p.max_length)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,20 @@ from typing import Any
 
 import polars as pl
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.dataset import conform, split
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.neardup import near_duplicate_pairs
-from stages.common.text import dedup_key, normalize
-from stages.common.validation import (
+from stages.data.dataset import conform, split
+from stages.data.neardup import near_duplicate_pairs
+from stages.data.text import dedup_key, normalize
+from stages.data.validation import (
     Check,
     ValidationReport,
     dataset_expectations,
     run_checks,
     split_expectations,
 )
+from stages.runner.cli import read_frames, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import read_params
+from stages.storage.atomic import outputs
 
 CLEAN_OUTPUTS = ("train.parquet", "val.parquet", "test.parquet", "labels.json", "clean.json")
 RULES = ("null_text", "null_label", "empty_text", "too_long", "conflicting_labels")
@@ -44,17 +45,17 @@ class CleanParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_chars, int) or self.max_chars < 1:
-            raise ValueError(f"clean.max_chars must be a positive integer, got {self.max_chars!r}")
+            raise ParamError(f"clean.max_chars must be a positive integer, got {self.max_chars!r}")
         if not 0.0 < float(self.near_dup_threshold) <= 1.0:
-            raise ValueError(f"clean.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+            raise ParamError(f"clean.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
         if not isinstance(self.shingle_size, int) or self.shingle_size < 1:
-            raise ValueError(f"clean.shingle_size must be a positive integer, got {self.shingle_size!r}")
+            raise ParamError(f"clean.shingle_size must be a positive integer, got {self.shingle_size!r}")
         if not 0.0 < float(self.val_size) < 1.0:
-            raise ValueError(f"clean.val_size must be in (0, 1), got {self.val_size}")
+            raise ParamError(f"clean.val_size must be in (0, 1), got {self.val_size}")
         if not isinstance(self.min_per_label, int) or self.min_per_label < 1:
-            raise ValueError(f"clean.min_per_label must be a positive integer, got {self.min_per_label!r}")
+            raise ParamError(f"clean.min_per_label must be a positive integer, got {self.min_per_label!r}")
         if not 0.0 <= float(self.max_quarantine_fraction) <= 1.0:
-            raise ValueError(f"clean.max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction}")
+            raise ParamError(f"clean.max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction}")
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def failure_message(report: ValidationReport, result: Cleaned, p: CleanParams) -
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.clean --in data/01_ingest --out data/02_clean`: reads params.yaml[clean]."""
     args = stage_args("clean", __doc__, argv, upstream="ingest")
-    p = stage_params(CleanParams, "clean", args.params)
+    p = read_params(CleanParams, "clean", args.params)
     out = args.out
     frames = read_frames(args.inp, ("train", "test"), upstream="ingest")
     result = clean(frames["train"], frames["test"], p)

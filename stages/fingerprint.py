@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common.atomic import outputs
-from stages.common.cli import stage_args, stage_params
-from stages.common.errors import StageError, stage_entrypoint
+from stages.runner.cli import stage_args, stage_entrypoint
+from stages.runner.errors import StageError
+from stages.runner.params import read_params
+from stages.storage.atomic import outputs
 
 # Instruction-set extensions that change which CPU kernels ONNX Runtime, torch and MLAS pick.
 CPU_FEATURES = (
@@ -141,7 +142,7 @@ def fingerprint(ignore: tuple[str, ...] = ()) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.fingerprint --out data/00_fingerprint`."""
     args = stage_args("fingerprint", __doc__, argv, upstream=None)
-    p = stage_params(FingerprintParams, "fingerprint", args.params)
+    p = read_params(FingerprintParams, "fingerprint", args.params)
     found = fingerprint(p.ignore)
     with outputs() as w:
         w.json(args.out / "fingerprint.json", found)

@@ -15,11 +15,12 @@ from typing import Any
 import fsspec
 import polars as pl
 
-from stages.common.atomic import outputs
-from stages.common.cli import stage_args, stage_params
-from stages.common.dataset import conform, split
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.hashing import sha256_bytes
+from stages.data.dataset import conform, split
+from stages.runner.cli import stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import read_params
+from stages.storage.atomic import outputs
+from stages.storage.hashing import sha256_bytes
 
 FORMATS = ("auto", "csv", "parquet", "jsonl")
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -40,14 +41,14 @@ class IngestParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
-            raise ValueError("ingest.source must be a path or URL, got nothing")
+            raise ParamError("ingest.source must be a path or URL, got nothing")
         if self.format not in FORMATS:
-            raise ValueError(f"ingest.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise ParamError(f"ingest.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not 0.0 < float(self.test_size) < 1.0:
-            raise ValueError(f"ingest.test_size must be in (0, 1), got {self.test_size}")
+            raise ParamError(f"ingest.test_size must be in (0, 1), got {self.test_size}")
         for key in ("text_column", "label_column"):
             if not getattr(self, key):
-                raise ValueError(f"ingest.{key} must name a column")
+                raise ParamError(f"ingest.{key} must name a column")
 
     @property
     def separate_test(self) -> bool:
@@ -181,7 +182,7 @@ def ingest(source: Loaded, test: Loaded | None, p: IngestParams) -> tuple[pl.Dat
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.ingest --out data/01_ingest`: reads params.yaml[ingest], writes the outputs atomically."""
     args = stage_args("ingest", __doc__, argv, upstream=None)
-    p = stage_params(IngestParams, "ingest", args.params)
+    p = read_params(IngestParams, "ingest", args.params)
     source = read_source(p.source, p.format)
     test = read_source(p.test_source, p.format) if p.separate_test else None
     train, test_frame, report = ingest(source, test, p)

@@ -6,7 +6,8 @@ over the parameters it owns, on batches of training rows under the distillation 
 batches and normalised per layer (Molchanov et al. 2017; Michel et al. 2019 for heads). The least
 important heads and neurons are removed physically (the matrices shrink, so dense runtimes compute
 less), never below `min_heads_per_layer` / `min_ffn_per_layer`. Then the student recovers for
-`optim.epochs` with train's loss (alpha, temperature, hidden_weight) against the teacher's soft labels.
+`optim.epochs` with the distillation loss (`kd:`) against the teacher's soft labels, on the `training:`
+engine.
 
 `magnitude` > 0 adds global unstructured magnitude pruning over the encoder's matrices, reaching that
 sparsity along a cosine schedule during recovery. Zeros stored in dense matrices make no dense runtime
@@ -15,33 +16,23 @@ faster: metrics.json says so. `heads: 0`, `ffn: 0` and `magnitude: 0` pass the s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from torch import nn
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.encoder import (
-    TextClassifier,
-    TokenizedTexts,
-    flops_per_token,
-    layer_shapes,
-    load,
-    save,
-    shrink_layer,
-)
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.params import from_dict, load_section
-from stages.common.training import OptimParams, is_main_process, make_deterministic, resolve_engine
-from stages.distill import evaluate
-from stages.train import FLOPS_SEQ_LEN, TrainParams, distill_student, kd_loss
-
-SHARED_TRAIN_KEYS = ("alpha", "temperature", "hidden_weight", "engine", "zero_stage")  # read from `train`
+from stages.model.distillation import KdParams, SoftTargets, distill_student, kd_loss, soft_targets
+from stages.model.encoder import FLOPS_SEQ_LEN, TextClassifier, flops_per_token, layer_shapes, load, save, shrink_layer
+from stages.model.evaluation import evaluate
+from stages.model.training import OptimParams, TrainingParams, is_main_process, make_deterministic
+from stages.runner.cli import read_frames, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError
+from stages.runner.params import from_dict, read_params
+from stages.storage.atomic import outputs
 
 
 @dataclass(frozen=True)
@@ -60,10 +51,10 @@ class PruneParams:
         for key in ("heads", "ffn", "magnitude"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"prune.{key} must be a share in [0, 1), got {value!r}")
+                raise ParamError(f"prune.{key} must be a share in [0, 1), got {value!r}")
         for key in ("min_heads_per_layer", "min_ffn_per_layer", "importance_batches"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"prune.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ParamError(f"prune.{key} must be a positive integer, got {getattr(self, key)!r}")
 
     @property
     def structured(self) -> bool:
@@ -94,16 +85,11 @@ def _unit_scores(params: list[tuple[torch.Tensor, int]], units: int) -> torch.Te
 
 
 def taylor_importance(
-    student: TextClassifier,
-    texts: TokenizedTexts,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    p: PruneParams,
-    t: TrainParams,
+    student: TextClassifier, targets: SoftTargets, p: PruneParams, kd: KdParams
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: head scores and FFN-neuron scores (|Taylor| averaged over batches, normalised per layer)."""
     rng = np.random.default_rng(p.optim.seed)
-    order = rng.permutation(len(texts))
+    order = rng.permutation(len(targets))
     layers = list(student.encoder.encoder.layer)
     heads = [torch.zeros(layer.attention.self.num_attention_heads, dtype=torch.float64) for layer in layers]
     ffn = [torch.zeros(layer.intermediate.dense.out_features, dtype=torch.float64) for layer in layers]
@@ -111,8 +97,8 @@ def taylor_importance(
     batches = [order[i : i + p.optim.batch_size] for i in range(0, len(order), p.optim.batch_size)]
     for rows in batches[: p.importance_batches]:
         student.zero_grad(set_to_none=True)
-        logits, _ = student(**texts.batch(rows))
-        kd_loss(logits.float(), teacher_logits[rows], targets[rows], t.alpha, t.temperature).backward()
+        logits, _ = student(**targets.texts.batch(rows))
+        kd_loss(logits.float(), targets.logits[rows], targets.labels[rows], kd.alpha, kd.temperature).backward()
         for i, layer in enumerate(layers):
             head_params, ffn_params = _owned(layer)
             heads[i] += _unit_scores(head_params, len(heads[i])).abs()
@@ -176,90 +162,109 @@ def cosine_sparsity(target: float, step: int, total: int) -> float:
     return target * 0.5 * (1.0 - math.cos(math.pi * min(1.0, step / max(1, total))))
 
 
+def shape_report(
+    student: TextClassifier, tokenizer: Any, held: dict[str, pl.DataFrame], labels: dict[str, int], max_length: int
+) -> dict[str, Any]:
+    """Scores, size, FLOPs and layer shapes of the student as it is now."""
+    return {
+        "val": evaluate(student, tokenizer, held["val"], labels, max_length),
+        "test": evaluate(student, tokenizer, held["test"], labels, max_length),
+        "parameters": sum(x.numel() for x in student.parameters()),
+        "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
+        "layers": layer_shapes(student),
+    }
+
+
+def remove_units(student: TextClassifier, targets: SoftTargets, p: PruneParams, kd: KdParams) -> dict[str, Any]:
+    """Score heads and FFN neurons, remove the least important in place; returns what was removed."""
+    head_scores, ffn_scores = taylor_importance(student, targets, p, kd)
+    removed_heads = choose_removed(head_scores, p.heads, p.min_heads_per_layer)
+    removed_ffn = choose_removed(ffn_scores, p.ffn, p.min_ffn_per_layer)
+    structured_prune(student, removed_heads, removed_ffn)
+    return {
+        "heads": {str(i): sorted(h) for i, h in enumerate(removed_heads)},
+        "ffn_neurons": [len(n) for n in removed_ffn],
+        "importance": "first-order Taylor |sum(w * grad)| under the distillation loss, "
+        f"{p.importance_batches} batches, normalised per layer",
+    }
+
+
+def prune(
+    student: TextClassifier,
+    tokenizer: Any,
+    targets: SoftTargets,
+    val: pl.DataFrame,
+    labels: dict[str, int],
+    p: PruneParams,
+    kd: KdParams,
+    engine: tuple[str, str, int],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prune `student` in place (structured, then recovery with magnitude sparsity on its schedule) and return
+    (what metrics.json records about it, the recovery's timings). `engine` is (name, why, ZeRO stage)."""
+    metrics: dict[str, Any] = {"pruned": True}
+    if p.structured:
+        metrics["removed"] = remove_units(student, targets, p, kd)
+    metrics["after_pruning_before_recovery"] = {"val": evaluate(student, tokenizer, val, labels, p.optim.max_length)}
+    name, why, zero_stage = engine
+    on_step, weights = None, encoder_matrices(student)
+    if p.magnitude > 0:
+        name, why = "torch", "prune.magnitude > 0 edits weights every step: torch engine"
+
+        def on_step(_: nn.Module, step: int, total: int) -> None:
+            apply_masks(weights, cosine_sparsity(p.magnitude, step, total))
+
+    result = distill_student(
+        student, tokenizer, targets, val, labels, kd, p.optim, (name, zero_stage), on_step, name="prune: recovery"
+    )
+    if p.magnitude > 0:  # the best epoch may predate the schedule's end: reach the target exactly
+        apply_masks(weights, p.magnitude)
+    metrics["recovery"] = result.summary()
+    metrics["recovery"]["engine"]["chosen_by"] = why
+    return metrics, {"recovery": result.timings()}
+
+
+def outcome(before: dict[str, Any], after: dict[str, Any], student: TextClassifier, p: PruneParams) -> dict[str, Any]:
+    """The comparison metrics.json ends with: FLOPs saved, accuracy lost, sparsity reached."""
+    note = (
+        "zeros from magnitude pruning are stored densely: dense runtimes (ONNX Runtime, TensorRT) get "
+        "no speed from them; only the structured part (smaller matrices) is faster"
+        if p.magnitude > 0
+        else "no magnitude pruning (prune.magnitude: 0)"
+    )
+    return {
+        "after": after,
+        "flops_reduction": round(1 - after["flops_per_token"] / before["flops_per_token"], 6),
+        "test_accuracy_drop": round(before["test"]["accuracy"] - after["test"]["accuracy"], 6),
+        "sparsity": {"encoder_matrices": round(sparsity_of(encoder_matrices(student)), 6), "note": note},
+    }
+
+
 @stage_entrypoint("prune")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.prune --in data/05_train --aug … --distill … --clean … --out data/06_prune`."""
     args = stage_args("prune", __doc__, argv, upstream="train", more=("augment", "distill", "clean"))
-    p = stage_params(PruneParams, "prune", args.params)
-    shared = {k: v for k, v in load_section("train", args.params).items() if k in SHARED_TRAIN_KEYS}
-    t = dataclasses.replace(from_dict(TrainParams, shared, "train"), optim=p.optim)
+    p = read_params(PruneParams, "prune", args.params)
+    kd = read_params(KdParams, "kd", args.params)
+    training = read_params(TrainingParams, "training", args.params)
     make_deterministic(p.optim.seed, p.optim.deterministic)
     student, tokenizer, labels = load(args.inp / "student")
     held = read_frames(args.clean, ("val", "test"), upstream="clean")
-    before = {
-        "val": evaluate(student, tokenizer, held["val"], labels, p.optim.max_length),
-        "test": evaluate(student, tokenizer, held["test"], labels, p.optim.max_length),
-        "parameters": sum(x.numel() for x in student.parameters()),
-        "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
-        "layers": layer_shapes(student),
-    }
-    metrics: dict[str, Any] = {"before": before, "flops_seq_len": FLOPS_SEQ_LEN}
+    before = shape_report(student, tokenizer, held, labels, p.optim.max_length)
+    metrics: dict[str, Any] = {"before": before, "flops_seq_len": FLOPS_SEQ_LEN, "pruned": False}
     timings: dict[str, Any] = {}
     if not p.structured and p.magnitude == 0:
-        metrics.update(
-            after=before, pruned=False, note="prune.heads, prune.ffn and prune.magnitude are 0: student passed through"
-        )
+        metrics["note"] = "prune.heads, prune.ffn and prune.magnitude are 0: student passed through"
     else:
         train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
         soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
-        joined = train.join(soft, on="id", how="left", maintain_order="left")
-        if joined["logits"].null_count():
-            raise StageError("soft labels missing for some training rows; rerun distill")
-        if p.structured:
-            texts = TokenizedTexts(tokenizer, joined["text"].to_list(), p.optim.max_length)
-            teacher_logits = torch.tensor(np.array(joined["logits"].to_list(), dtype=np.float32))
-            targets = torch.tensor([labels[x] for x in joined["label"]])
-            head_scores, ffn_scores = taylor_importance(student, texts, teacher_logits, targets, p, t)
-            removed_heads = choose_removed(head_scores, p.heads, p.min_heads_per_layer)
-            removed_ffn = choose_removed(ffn_scores, p.ffn, p.min_ffn_per_layer)
-            structured_prune(student, removed_heads, removed_ffn)
-            metrics["removed"] = {
-                "heads": {str(i): sorted(h) for i, h in enumerate(removed_heads)},
-                "ffn_neurons": [len(n) for n in removed_ffn],
-                "importance": "first-order Taylor |sum(w * grad)| under the distillation loss, "
-                f"{p.importance_batches} batches, normalised per layer",
-            }
-        metrics["after_pruning_before_recovery"] = {
-            "val": evaluate(student, tokenizer, held["val"], labels, p.optim.max_length)
-        }
-        on_step = None
-        engine, why = resolve_engine(t.engine)
-        if p.magnitude > 0:
-            engine, why = "torch", "prune.magnitude > 0 edits weights every step: torch engine"
-            weights = encoder_matrices(student)
-
-            def on_step(_: nn.Module, step: int, total: int) -> None:
-                apply_masks(weights, cosine_sparsity(p.magnitude, step, total))
-
-        summary = distill_student(
-            student, tokenizer, train, soft, held["val"], labels, t, engine, on_step, name="prune: recovery"
-        )
-        summary["engine"]["chosen_by"] = why
+        targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length)
+        engine = (*training.resolve(), training.zero_stage)
+        changes, timings = prune(student, tokenizer, targets, held["val"], labels, p, kd, engine)
         if not is_main_process():
-            return 0
-        if p.magnitude > 0:  # the best epoch may predate the schedule's end: reach the target exactly
-            apply_masks(weights, p.magnitude)
-        metrics["recovery"] = {k: v for k, v in summary.items() if k not in ("curves", "timings")}
-        timings["recovery"] = summary["timings"]
-        metrics["pruned"] = True
+            return 0  # other DeepSpeed ranks trained their share; rank 0 writes
+        metrics.update(changes)
     student.eval()
-    weights = encoder_matrices(student)
-    metrics["after"] = {
-        "val": evaluate(student, tokenizer, held["val"], labels, p.optim.max_length),
-        "test": evaluate(student, tokenizer, held["test"], labels, p.optim.max_length),
-        "parameters": sum(x.numel() for x in student.parameters()),
-        "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
-        "layers": layer_shapes(student),
-    }
-    metrics["flops_reduction"] = round(1 - metrics["after"]["flops_per_token"] / before["flops_per_token"], 6)
-    metrics["test_accuracy_drop"] = round(before["test"]["accuracy"] - metrics["after"]["test"]["accuracy"], 6)
-    metrics["sparsity"] = {
-        "encoder_matrices": round(sparsity_of(weights), 6),
-        "note": "zeros from magnitude pruning are stored densely: dense runtimes (ONNX Runtime, TensorRT) get "
-        "no speed from them; only the structured part (smaller matrices) is faster"
-        if p.magnitude > 0
-        else "no magnitude pruning (prune.magnitude: 0)",
-    }
+    metrics.update(outcome(before, shape_report(student, tokenizer, held, labels, p.optim.max_length), student, p))
     with outputs() as w:
         save(student, tokenizer, labels, w.directory(args.out / "student"))
         w.json(args.out / "metrics.json", metrics)

@@ -1,13 +1,15 @@
 """Stage `publish`: gate the benchmark's candidate, then add one immutable version to the model registry.
 
-1. Gates. `publish.gates` are checked again on benchmark's measurements. The candidate is the fastest
-   publishable variant (end-to-end p50 at batch 1) that passes all of them. When none passes the stage
+1. Gates. `publish.gates` are checked on benchmark's measurements. The candidate is the fastest publishable
+   variant end to end at batch 1 that passes all of them (`choose_candidate`: variants within the latency
+   margin of the fastest count as equally fast, and the more accurate of those wins). When none passes the stage
    fails naming each variant's failed gates with the measured value and limit, and the registry is not
    touched.
 2. Provenance. The files to publish must be the bytes benchmark measured (SHA-256 in its metrics) and the
    bytes dvc.lock records for their stages (DVC's MD5), or the stage fails: a lineage manifest that does
    not describe the published bytes would be worse than none.
-3. A version `registry/<model>/<version>/` (`publish.registry`, `publish.model`):
+3. A version `registry/<model>/<version>/` (`publish.registry`, `publish.model`; the format is
+   stages.registry's):
    - `model.onnx` (or `model.plan` for a TensorRT engine) and `runtime.json` (backend, device, precision,
      session options);
    - `tokenizer/`, `labels.json` (label name -> logit index);
@@ -32,38 +34,72 @@ The registry is not a DVC output, so no `dvc repro` can delete a published versi
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stages.common.atomic import dumps_json, outputs
-from stages.common.cli import stage_args, stage_params
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.gates import Gates, choose_candidate, e2e_speed, failed_gates, merged_rows
-from stages.common.hashing import dvc_md5, sha256_bytes, sha256_file
-from stages.common.params import from_dict
+from stages.records import BenchmarkResults, BenchmarkTimings, BuildManifest, Engine, VariantResult, VariantTiming
+from stages.registry import (
+    Draft,
+    Lineage,
+    RuntimeRecord,
+    check_model_name,
+    check_version,
+    existing_versions,
+    next_version,
+    payload_digest,
+    payload_sums,
+    read_sums,
+    record_text,
+    version_key,
+)
+from stages.runner.cli import require, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import from_dict, read_params
+from stages.storage.atomic import outputs
+from stages.storage.hashing import dvc_md5, sha256_file
 
-MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
-PAYLOAD = ("model.", "runtime.json", "tokenizer/", "labels.json")  # what defines a version's content
-SUMS = "SHA256SUMS"
+
+@dataclass(frozen=True)
+class Gates:
+    min_accuracy: float = 0.0  # test accuracy (fraction)
+    max_drop_vs_teacher: float = 100.0  # points of test accuracy below teacher_fp32
+    max_p95_ms: float = 1e9  # end-to-end p95 latency at batch 1, milliseconds
+    max_size_mb: float = 1e9  # model file size
+
+    def __post_init__(self) -> None:
+        for key in ("min_accuracy", "max_drop_vs_teacher", "max_p95_ms", "max_size_mb"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"publish.gates.{key} must be a number, got {value!r}")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ValueError(f"publish.gates.min_accuracy is a fraction in [0, 1], got {self.min_accuracy}")
+
+    def check(self, result: VariantResult, timing: VariantTiming, teacher_accuracy: float) -> dict[str, dict[str, Any]]:
+        """Each gate with the measured value, its limit and whether it passed."""
+        acc, size = result.accuracy, result.size_mb
+        drop = round(100 * (teacher_accuracy - acc), 4)
+        p95 = timing.latency_ms.end_to_end.p95
+        measured = {
+            "min_accuracy": (acc, acc >= self.min_accuracy, self.min_accuracy),
+            "max_drop_vs_teacher": (drop, drop <= self.max_drop_vs_teacher, self.max_drop_vs_teacher),
+            "max_p95_ms": (p95, p95 <= self.max_p95_ms, self.max_p95_ms),
+            "max_size_mb": (size, size <= self.max_size_mb, self.max_size_mb),
+        }
+        return {k: {"measured": v, "passed": bool(ok), "limit": lim} for k, (v, ok, lim) in measured.items()}
 
 
-def check_version(version: str, key: str = "publish.version") -> str:
-    """A version name that is safe as one folder name: `x.y.z` only (no `..`, no `/`)."""
-    if not isinstance(version, str) or ".." in version or "/" in version or "\\" in version:
-        raise ValueError(f"{key}: {version!r} is not a version name (a path separator or '..' is refused)")
-    if not VERSION.match(version):
-        raise ValueError(f"{key}: {version!r} is not a version x.y.z (e.g. 1.0.0)")
-    return version
+def failed_gates(checked: dict[str, dict[str, Any]]) -> list[str]:
+    """`gate: measured X, limit Y` for each failed gate, in a fixed order."""
+    return [
+        f"{name} measured {g['measured']} (limit {g['limit']})"
+        for name, g in sorted(checked.items())
+        if not g["passed"]
+    ]
 
 
 @dataclass(frozen=True)
@@ -72,27 +108,26 @@ class PublishParams:
     registry: str = "registry"  # the registry folder (relative to the repository)
     version: str = "auto"  # auto: the next major version; or an explicit x.y.z
     tag: bool = False  # an annotated git tag <model>@v<version> (GTO's form)
-    gates: dict[str, float] = field(default_factory=dict)  # see stages.common.gates.Gates
+    gates: dict[str, float] = field(default_factory=dict)  # see Gates
     # Variants within max(this, twice the noise benchmark measured) end to end count as equally fast (the
     # more accurate wins): timing noise cannot change what is published.
     latency_margin: float = 0.05
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not MODEL_NAME.match(self.model):
-            raise ValueError(f"publish.model: {self.model!r} must be lowercase letters, digits and dashes")
+        check_model_name(self.model)
         if not isinstance(self.registry, str) or not self.registry.strip():
-            raise ValueError("publish.registry must be a folder path")
+            raise ParamError("publish.registry must be a folder path")
         if self.version != "auto":
             check_version(self.version)
         if not isinstance(self.tag, bool):
-            raise ValueError(f"publish.tag must be true or false, got {self.tag!r}")
+            raise ParamError(f"publish.tag must be true or false, got {self.tag!r}")
         if not isinstance(self.gates, dict):
-            raise ValueError("publish.gates must be a mapping")
+            raise ParamError("publish.gates must be a mapping")
         from_dict(Gates, self.gates, "publish.gates")  # validates the gates now, naming a bad key
         if isinstance(self.latency_margin, bool) or not isinstance(self.latency_margin, (int, float)):
-            raise ValueError(f"publish.latency_margin must be a number, got {self.latency_margin!r}")
+            raise ParamError(f"publish.latency_margin must be a number, got {self.latency_margin!r}")
         if not 0 <= self.latency_margin < 1:
-            raise ValueError(f"publish.latency_margin must be in [0, 1), got {self.latency_margin}")
+            raise ParamError(f"publish.latency_margin must be in [0, 1), got {self.latency_margin}")
 
     @property
     def gate_limits(self) -> Gates:
@@ -102,20 +137,51 @@ class PublishParams:
 # ---- choosing the candidate ---------------------------------------------------------------------------
 
 
-def candidate_of(rows: dict[str, dict[str, Any]], gates: Gates, margin: float) -> tuple[str, dict[str, Any]]:
-    """`choose_candidate` with its gate results; a StageError naming each variant's failed gates when none
-    passes (the registry is then not touched)."""
-    try:
-        best, checked = choose_candidate(rows, gates, margin)
-    except ValueError as exc:
-        raise StageError(str(exc)) from exc
+def choose_candidate(
+    results: BenchmarkResults, timings: BenchmarkTimings, gates: Gates, margin: float
+) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """(the variant to publish or None, each publishable variant's gate results).
+
+    Among the publishable variants passing every gate: the fastest end to end at batch 1; variants within
+    `margin` of the fastest count as equally fast, and among those the more accurate wins, then the smaller
+    file, then the name. So timing noise below the margin cannot flip the choice."""
+    rows, times = results.variants, timings.variants
+    if "teacher_fp32" not in rows:
+        raise StageError("benchmark metrics have no teacher_fp32 row: the drop gate needs it")
+    teacher = rows["teacher_fp32"].accuracy
+    missing = sorted(n for n, r in rows.items() if r.publishable and n not in times)
+    if missing:
+        raise StageError(f"benchmark timings have no row for {', '.join(missing)}: rerun dvc repro -f benchmark")
+    checked = {n: gates.check(r, times[n], teacher) for n, r in rows.items() if r.publishable and r.file}
+    passing = [n for n, g in checked.items() if all(x["passed"] for x in g.values())]
+    if not passing:
+        return None, checked
+    fastest = min(times[n].speed() for n in passing)
+    close = [n for n in passing if times[n].speed() <= fastest * (1 + margin)]
+    best = min(close, key=lambda n: (-rows[n].accuracy, rows[n].size_mb, n))
+    return best, checked
+
+
+@dataclass(frozen=True)
+class Decision:
+    candidate: str
+    gates: dict[str, dict[str, Any]]  # the candidate's gate results
+    margin: float  # the latency margin used
+
+
+def decide(results: BenchmarkResults, timings: BenchmarkTimings, p: PublishParams) -> Decision:
+    """The candidate under `publish.gates`; a StageError naming each variant's failed gates when none passes
+    (the registry is then not touched)."""
+    # however noisy the run, a 1.5x speed difference still decides
+    margin = min(0.5, max(p.latency_margin, 2 * float(timings.noise or 0.0)))
+    best, checked = choose_candidate(results, timings, p.gate_limits, margin)
     if not checked:
         raise StageError("benchmark measured no publishable variant (no quantize file or engine)")
     if best is None:
-        order = sorted(checked, key=lambda n: (e2e_speed(rows[n]), n))
+        order = sorted(checked, key=lambda n: (timings.variants[n].speed(), n))
         why = "; ".join(f"{n}: {', '.join(failed_gates(checked[n]))}" for n in order)
         raise StageError(f"no variant passes publish.gates, registry untouched: {why}")
-    return best, checked[best]
+    return Decision(best, checked[best], margin)
 
 
 # ---- provenance -------------------------------------------------------------------------------------
@@ -180,79 +246,33 @@ def git_state(root: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(modified) or commit is None, "modified": modified}
 
 
-# ---- the version folder ---------------------------------------------------------------------------------
-
-
-def payload_digest(sums: dict[str, str]) -> str:
-    """One digest of a version's content: its payload files' SHA-256, in path order."""
-    lines = "".join(f"{h}  {p}\n" for p, h in sorted(sums.items()) if p.startswith(PAYLOAD))
-    return sha256_bytes(lines.encode())
-
-
-def read_sums(folder: Path) -> dict[str, str]:
-    """`SHA256SUMS` of a version: relative path -> digest."""
-    sums = {}
-    for line in (folder / SUMS).read_text(encoding="utf-8").splitlines():
-        digest, _, name = line.partition("  ")
-        if name:
-            sums[name] = digest
-    return sums
-
-
-def existing_versions(model_dir: Path) -> dict[str, str]:
-    """version -> content digest for every complete version in the registry (temporaries are skipped)."""
-    found = {}
-    if model_dir.is_dir():
-        for child in model_dir.iterdir():
-            if VERSION.match(child.name) and (child / SUMS).is_file():
-                found[child.name] = payload_digest(read_sums(child))
-    return found
-
-
-def version_key(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split("."))
-
-
-def next_version(existing: dict[str, str], requested: str) -> str:
-    if requested != "auto":
-        return requested
-    top = max((version_key(v) for v in existing), default=(0, 0, 0))
-    return f"{top[0] + 1}.0.0"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_sums(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != SUMS
-    }
-
-
-def freeze(folder: Path) -> None:
-    """Published files are read-only (folders stay writable so that a person can still remove a version)."""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            p.chmod(0o444)
-
-
 # ---- model card ---------------------------------------------------------------------------------------
 
 
-def metrics_table(bench: dict[str, Any], candidate: str) -> str:
-    rows = bench["variants"]
+@dataclass(frozen=True)
+class Card:
+    """What the model card says, all of it read from the stages' records."""
+
+    model: str
+    version: str
+    registry: str
+    candidate: str
+    rows: dict[str, dict[str, Any]]  # benchmark's results and timings per variant
+    results: BenchmarkResults
+    labels: dict[str, int]
+    ingest: dict[str, Any]
+    gates: dict[str, dict[str, Any]]
+    fingerprint: dict[str, Any]
+    runtime: RuntimeRecord
+    git: dict[str, Any]
+    content_digest: str
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return self.rows[self.candidate]
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], candidate: str) -> str:
     order = [candidate] + [n for n in ("teacher_fp32", "teacher_int8", "tfidf_logreg") if n in rows]
     lines = [
         "| variant | accuracy | macro-F1 | worst label F1 | size MB | end-to-end p50 / p95 ms | model p50 ms |",
@@ -269,138 +289,264 @@ def metrics_table(bench: dict[str, Any], candidate: str) -> str:
     return "\n".join(lines)
 
 
-def model_card(ctx: dict[str, Any]) -> str:
-    bench, cand, row = ctx["bench"], ctx["candidate"], ctx["row"]
-    labels = sorted(ctx["labels"], key=ctx["labels"].get)
-    sources = ctx["ingest"].get("sources", [])
-    src_lines = [
-        f"- `{s.get('uri')}` ({s.get('role')}, {s.get('format')}, {s.get('rows')} rows), sha256 `{s.get('sha256')}`"
-        for s in sources
-    ]
-    rows = ctx["ingest"].get("rows", {})
-    gates = "\n".join(
-        f"| {k} | {g['limit']} | {g['measured']} | {'pass' if g['passed'] else 'FAIL'} |"
-        for k, g in sorted(ctx["gates"].items())
-    )
-    cpu = (ctx["fingerprint"].get("cpu") or {}).get("model", "unknown CPU")
-    runtime = ctx["runtime"]
-    model_file = ctx["model_file"]
-    git = ctx["git"]
-    uncommitted = f" (with uncommitted changes: {', '.join(git['modified'])})" if git["modified"] else ""
-    load = (
-        [
-            "```python",
-            "import json, numpy as np, onnxruntime as ort",
-            "from transformers import AutoTokenizer",
-            "",
-            f'folder = "{ctx["registry"]}/{ctx["model"]}/{ctx["version"]}"  # this folder',
-            'tok = AutoTokenizer.from_pretrained(f"{folder}/tokenizer")',
-            'names = {i: n for n, i in json.load(open(f"{folder}/labels.json")).items()}',
-            'rt = json.load(open(f"{folder}/runtime.json"))  # the session options the benchmark measured',
-            "opts = ort.SessionOptions()",
-            'opts.intra_op_num_threads = rt["session_options"]["intra_op_num_threads"]',
-            "sess = ort.InferenceSession(",
-            f'    f"{{folder}}/{model_file}", opts, providers=rt["providers"],',
-            '    disabled_optimizers=rt["session_options"].get("disabled_optimizers", []),',
-            ")",
-            f'enc = tok(["where is my order?"], truncation=True, max_length={ctx["max_length"]}, return_tensors="np")',
-            "feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}",
-            'print(names[int(sess.run(["logits"], feeds)[0].argmax(-1)[0])])',
-            "```",
-        ]
-        if runtime["backend"] == "onnxruntime"
-        else [
-            f"A TensorRT plan for {runtime.get('device')}: deserialize it with `tensorrt.Runtime(...)."
+def _load_snippet(c: Card) -> list[str]:
+    rt = c.runtime
+    if rt.backend != "onnxruntime":
+        return [
+            f"A TensorRT plan for {rt.device}: deserialize it with `tensorrt.Runtime(...)."
             "deserialize_cuda_engine(open(path, 'rb').read())` on the same GPU model and TensorRT version "
             "as in `lineage.json` (`fingerprint`); inputs `input_ids` and `attention_mask` (int64), output `logits`."
         ]
-    )
-    return "\n".join(
-        [
-            f"# {ctx['model']} {ctx['version']}",
-            "",
-            f"A text classifier for {len(labels)} intents, published by distillery from variant `{cand}` "
-            f"({row.get('precision', 'fp32')}, {runtime['backend']} on {runtime['device']}). "
-            f"Content digest `{ctx['content_digest']}`.",
-            "",
-            "## Intended use",
-            "",
-            "Routing short user messages to one of the intents below, in the language and domain of the "
-            "training data. Each message gets exactly one label: there is no 'none of these' class, so text "
-            "outside these intents still receives one (check the top score if that matters).",
-            "",
-            "Labels: " + ", ".join(f"`{n}`" for n in labels) + ".",
-            "",
-            "## Data",
-            "",
-            *src_lines,
-            f"- After ingest: {rows.get('train', '?')} training and {rows.get('test', '?')} test rows; clean "
-            "removes empties, duplicates and train/test leakage, and holds out validation rows from training.",
-            "- The accuracy below is on the held-out test rows of the same source.",
-            "",
-            f"## Metrics ({bench.get('test_rows', '?')} test rows, batch 1, "
-            f"{bench.get('threads', '?')} CPU threads, {cpu})",
-            "",
-            metrics_table(bench, cand),
-            "",
-            "Latencies and sizes come from the same benchmark run; latencies are timings on the machine above "
-            "and vary between runs and machines. The full table with every variant is `data/09_benchmark/report.md` "
-            "of the commit below.",
-            "",
-            "## Gates (`publish.gates`)",
-            "",
-            "| gate | limit | measured | result |",
-            "|---|---|---|---|",
-            gates,
-            "",
-            "## Limitations",
-            "",
-            f"- Inputs longer than {ctx['max_length']} tokens are truncated.",
-            f"- Weakest label: `{row['worst_label_f1']['label']}` (F1 {row['worst_label_f1']['f1']:.3f}); "
-            "confusions concentrate there.",
-            "- Trained on one dataset; accuracy on other domains, languages or phrasing is not measured.",
-            *(
-                ["- INT8 weights: predictions can differ from the fp32 model on a small share of inputs."]
-                if row.get("precision") == "int8"
-                else []
-            ),
-            "",
-            "## How to load it",
-            "",
-            *load,
-            "",
-            "## Lineage",
-            "",
-            f"Git commit `{git['commit'] or 'none'}`{uncommitted}. "
-            "`lineage.json` holds each stage's dvc.lock entry, the source hashes and the machine fingerprint; "
-            f"`python -m flows.lineage show {ctx['model']}@{ctx['version']}` prints the chain and "
-            f"`python -m flows.lineage verify {ctx['model']}@{ctx['version']}` re-hashes it.",
-            "",
-        ]
-    )
+    return [
+        "```python",
+        "import json, numpy as np, onnxruntime as ort",
+        "from transformers import AutoTokenizer",
+        "",
+        f'folder = "{c.registry}/{c.model}/{c.version}"  # this folder',
+        'tok = AutoTokenizer.from_pretrained(f"{folder}/tokenizer")',
+        'names = {i: n for n, i in json.load(open(f"{folder}/labels.json")).items()}',
+        'rt = json.load(open(f"{folder}/runtime.json"))  # the session options the benchmark measured',
+        "opts = ort.SessionOptions()",
+        'opts.intra_op_num_threads = rt["session_options"]["intra_op_num_threads"]',
+        "sess = ort.InferenceSession(",
+        f'    f"{{folder}}/{rt.file}", opts, providers=rt["providers"],',
+        '    disabled_optimizers=rt["session_options"].get("disabled_optimizers", []),',
+        ")",
+        f'enc = tok(["where is my order?"], truncation=True, max_length={c.results.max_length}, return_tensors="np")',
+        "feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}",
+        'print(names[int(sess.run(["logits"], feeds)[0].argmax(-1)[0])])',
+        "```",
+    ]
 
 
-# ---- the stage ----------------------------------------------------------------------------------------
+def _card_head(c: Card) -> list[str]:
+    labels = sorted(c.labels, key=c.labels.get)
+    return [
+        f"# {c.model} {c.version}",
+        "",
+        f"A text classifier for {len(labels)} intents, published by distillery from variant `{c.candidate}` "
+        f"({c.row.get('precision', 'fp32')}, {c.runtime.backend} on {c.runtime.device}). "
+        f"Content digest `{c.content_digest}`.",
+        "",
+        "## Intended use",
+        "",
+        "Routing short user messages to one of the intents below, in the language and domain of the "
+        "training data. Each message gets exactly one label: there is no 'none of these' class, so text "
+        "outside these intents still receives one (check the top score if that matters).",
+        "",
+        "Labels: " + ", ".join(f"`{n}`" for n in labels) + ".",
+        "",
+    ]
 
 
-def runtime_record(
-    engine: dict[str, Any] | None, session_options: Any, candidate: str, model_file: str
-) -> dict[str, Any]:
-    engine = engine or {"backend": "onnxruntime", "device": "cpu", "providers": ["CPUExecutionProvider"]}
-    record = {
-        "variant": candidate,
-        "file": model_file,
-        "backend": engine.get("backend", "onnxruntime"),
-        "device": engine.get("device", "cpu"),
-        "providers": engine.get("providers", ["CPUExecutionProvider"]),
-        "inputs": ["input_ids", "attention_mask"],
-        "outputs": ["logits"],
-    }
-    if record["backend"] == "onnxruntime":
-        cpu_only = all(p == "CPUExecutionProvider" for p in record["providers"])
+def _card_data(c: Card) -> list[str]:
+    rows = c.ingest.get("rows", {})
+    return [
+        "## Data",
+        "",
+        *[
+            f"- `{s.get('uri')}` ({s.get('role')}, {s.get('format')}, {s.get('rows')} rows), sha256 `{s.get('sha256')}`"
+            for s in c.ingest.get("sources", [])
+        ],
+        f"- After ingest: {rows.get('train', '?')} training and {rows.get('test', '?')} test rows; clean "
+        "removes empties, duplicates and train/test leakage, and holds out validation rows from training.",
+        "- The accuracy below is on the held-out test rows of the same source.",
+        "",
+    ]
+
+
+def _card_metrics(c: Card) -> list[str]:
+    cpu = (c.fingerprint.get("cpu") or {}).get("model", "unknown CPU")
+    gates = [
+        f"| {k} | {g['limit']} | {g['measured']} | {'pass' if g['passed'] else 'FAIL'} |"
+        for k, g in sorted(c.gates.items())
+    ]
+    return [
+        f"## Metrics ({c.results.test_rows} test rows, batch 1, {c.results.threads} CPU threads, {cpu})",
+        "",
+        metrics_table(c.rows, c.candidate),
+        "",
+        "Latencies and sizes come from the same benchmark run; latencies are timings on the machine above "
+        "and vary between runs and machines. The full table with every variant is `data/09_benchmark/report.md` "
+        "of the commit below.",
+        "",
+        "## Gates (`publish.gates`)",
+        "",
+        "| gate | limit | measured | result |",
+        "|---|---|---|---|",
+        "\n".join(gates),
+        "",
+    ]
+
+
+def _card_tail(c: Card) -> list[str]:
+    git, spec = c.git, f"{c.model}@{c.version}"
+    uncommitted = f" (with uncommitted changes: {', '.join(git['modified'])})" if git["modified"] else ""
+    int8 = ["- INT8 weights: predictions can differ from the fp32 model on a small share of inputs."]
+    return [
+        "## Limitations",
+        "",
+        f"- Inputs longer than {c.results.max_length} tokens are truncated.",
+        f"- Weakest label: `{c.row['worst_label_f1']['label']}` (F1 {c.row['worst_label_f1']['f1']:.3f}); "
+        "confusions concentrate there.",
+        "- Trained on one dataset; accuracy on other domains, languages or phrasing is not measured.",
+        *(int8 if c.row.get("precision") == "int8" else []),
+        "",
+        "## How to load it",
+        "",
+        *_load_snippet(c),
+        "",
+        "## Lineage",
+        "",
+        f"Git commit `{git['commit'] or 'none'}`{uncommitted}. "
+        "`lineage.json` holds each stage's dvc.lock entry, the source hashes and the machine fingerprint; "
+        f"`python -m flows.lineage show {spec}` prints the chain and "
+        f"`python -m flows.lineage verify {spec}` re-hashes it.",
+        "",
+    ]
+
+
+def model_card(c: Card) -> str:
+    return "\n".join([*_card_head(c), *_card_data(c), *_card_metrics(c), *_card_tail(c)])
+
+
+# ---- the version ---------------------------------------------------------------------------------------
+
+
+def runtime_record(engine: Engine | None, session_options: dict[str, Any] | None, candidate: str) -> RuntimeRecord:
+    """runtime.json of a version: the engine's backend and providers (quantize's files run on ONNX Runtime's
+    CPU provider) and, for ONNX Runtime, the session options benchmark measured with."""
+    backend = engine.backend if engine else "onnxruntime"
+    providers = (engine.providers if engine else None) or ["CPUExecutionProvider"]
+    options = None
+    if backend == "onnxruntime":
+        cpu_only = all(p == "CPUExecutionProvider" for p in providers)
         # optimizers disabled for CPU kernels' sake do not apply to GPU sessions
-        record["session_options"] = {k: v for k, v in session_options.items() if cpu_only or k != "disabled_optimizers"}
-    return record
+        options = {k: v for k, v in (session_options or {}).items() if cpu_only or k != "disabled_optimizers"}
+    return RuntimeRecord(
+        variant=candidate,
+        file="model" + (".plan" if backend == "tensorrt" else ".onnx"),
+        backend=backend,
+        device=(engine.device if engine else None) or "cpu",
+        providers=providers,
+        inputs=["input_ids", "attention_mask"],
+        outputs=["logits"],
+        session_options=options,
+    )
+
+
+@dataclass(frozen=True)
+class Release:
+    """Everything one version is made of, read and checked by `gather`."""
+
+    decision: Decision
+    results: BenchmarkResults
+    timings: BenchmarkTimings
+    source: Path  # the model file to publish
+    tokenizer: Path
+    labels_file: Path
+    runtime: RuntimeRecord
+    reads: list[dict[str, str]]  # the stage outputs read, with the hashes dvc.lock records
+    lock: dict[str, Any]
+    ingest: dict[str, Any]
+    fingerprint: dict[str, Any]
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        t = self.timings.variants
+        return {n: {**r.to_dict(), **t[n].to_dict()} for n, r in self.results.variants.items() if n in t}
+
+
+def gather(args: Any, root: Path, p: PublishParams) -> Release:
+    """Read benchmark's records, choose the candidate, and check that every file to publish holds the bytes
+    benchmark measured and dvc.lock records."""
+    results = BenchmarkResults.read(require(args.inp / "metrics.json", "benchmark"))
+    timings = BenchmarkTimings.read(require(args.inp / "timings.json", "benchmark (dvc repro benchmark)"))
+    decision = decide(results, timings, p)
+    row = results.variants[decision.candidate]
+    source = root / row.file
+    if not source.is_file():
+        raise StageError(f"{row.file}: the file of variant {decision.candidate} is missing; run dvc repro")
+    if sha256_file(source) != row.sha256:
+        raise StageError(f"{row.file}: differs from the file benchmark measured; run dvc repro")
+    tokenizer, labels_file = args.quantize / "tokenizer", args.clean / "labels.json"
+    ingest_file, machine_file = args.ingest / "ingest.json", args.fingerprint / "fingerprint.json"
+    manifest_file = args.build / "manifest.json"
+    lock = read_lock(root)
+    inputs = [source, tokenizer, labels_file, args.inp / "metrics.json", args.inp / "timings.json"]
+    reads = check_against_lock(root, lock, [*inputs, ingest_file, machine_file, manifest_file])
+    manifest = BuildManifest.read(manifest_file)
+    options_file = args.build / manifest.session_options
+    options = json.loads(options_file.read_text(encoding="utf-8")) if options_file.is_file() else None
+    runtime = runtime_record(manifest.engines.get(decision.candidate), options, decision.candidate)
+    read_json = lambda path: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
+    return Release(decision, results, timings, source, tokenizer, labels_file, runtime, reads, lock,
+                   read_json(ingest_file), read_json(machine_file))  # fmt: skip
+
+
+def lineage_record(root: Path, r: Release, p: PublishParams, version: str, payload: dict[str, str]) -> Lineage:
+    d, order = r.decision, stage_order(root)
+    return Lineage(
+        model=p.model,
+        version=version,
+        variant=d.candidate,
+        content_digest=payload_digest(payload),
+        git=git_state(root),
+        files=payload,
+        published_from={"file": rel(root, r.source), "sha256": r.results.variants[d.candidate].sha256 or ""},
+        publish={
+            "params": {"gates": p.gates, "latency_margin": p.latency_margin, "version": p.version, "tag": p.tag},
+            "reads": r.reads,
+            "margin_used": d.margin,  # max(latency_margin, twice benchmark's noise), at most 0.5
+        },
+        stages=[{"name": s, **r.lock[s]} for s in order if s in r.lock and s != "publish"],
+        sources=r.ingest.get("sources", []),
+        fingerprint=r.fingerprint,
+        benchmark={"variant": r.rows[d.candidate], "gates": d.gates},
+    )
+
+
+def choose_version(existing: dict[str, str], digest: str, p: PublishParams, model_dir: Path) -> tuple[str, bool]:
+    """(version, new): the version already holding this content, else the next one (never an existing one)."""
+    same = sorted((v for v, d in existing.items() if d == digest), key=version_key)
+    if same:
+        if p.version not in ("auto", same[-1]):
+            print(f"publish: content already published as {same[-1]}; publish.version {p.version} not used",
+                  file=sys.stderr)  # fmt: skip
+        return same[-1], False
+    version = next_version(existing, p.version)
+    if version in existing or (model_dir / version).exists():
+        raise StageError(
+            f"publish.version: {model_dir / version} exists with other content; a version is never "
+            "overwritten (set publish.version: auto or a new x.y.z)"
+        )
+    return version, True
+
+
+def publish(root: Path, r: Release, p: PublishParams) -> tuple[str, Path, bool]:
+    """Add the release to the registry as a new version, or find the version that holds its content.
+    Returns (version, its folder, whether this call wrote it)."""
+    model_dir = root / p.registry / p.model
+    existing = existing_versions(model_dir)
+    with Draft(model_dir) as draft:
+        # The payload first: it decides whether this content is already published.
+        draft.add(r.runtime.file, r.source)
+        draft.add("tokenizer", r.tokenizer)
+        draft.add("labels.json", r.labels_file)
+        draft.add("runtime.json", record_text(r.runtime))
+        payload = draft.sums()
+        version, new = choose_version(existing, draft.digest(), p, model_dir)
+        if p.tag:
+            tag_precheck(root, f"{p.model}@v{version}")
+        if not new:
+            return version, model_dir / version, False
+        lineage = lineage_record(root, r, p, version, payload)
+        labels = json.loads(r.labels_file.read_text(encoding="utf-8"))
+        card = Card(p.model, version, p.registry, r.decision.candidate, r.rows, r.results, labels, r.ingest,
+                    r.decision.gates, r.fingerprint, r.runtime, lineage.git, lineage.content_digest)  # fmt: skip
+        draft.add("lineage.json", record_text(lineage))
+        draft.add("model_card.md", model_card(card))
+        return version, draft.commit(version), True
 
 
 def tag_precheck(root: Path, tag: str) -> bool:
@@ -412,184 +558,58 @@ def tag_precheck(root: Path, tag: str) -> bool:
     return bool(found.stdout.strip())
 
 
+def add_tag(root: Path, model: str, version: str) -> str:
+    """An annotated tag `<model>@v<version>` on HEAD (GTO's form), unless it exists."""
+    tag = f"{model}@v{version}"
+    if tag_precheck(root, tag):
+        return tag
+    made = subprocess.run(
+        ["git", "tag", "-a", tag, "-m", f"Registering artifact {model} version v{version}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        raise StageError(f"publish.tag: {model} {version} is published but git tag {tag} failed: {made.stderr.strip()}")
+    return tag
+
+
 @stage_entrypoint("publish")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.publish --in data/09_benchmark --ingest … --clean … --quantize … --build …
     --fingerprint … --out data/10_publish`."""
-    args = stage_args(
-        "publish", __doc__, argv, upstream="benchmark", more=("ingest", "clean", "quantize", "build", "fingerprint")
-    )
-    p = stage_params(PublishParams, "publish", args.params)
+    more = ("ingest", "clean", "quantize", "build", "fingerprint")
+    args = stage_args("publish", __doc__, argv, upstream="benchmark", more=more)
+    p = read_params(PublishParams, "publish", args.params)
     root = Path.cwd()
-    bench = json.loads((args.inp / "metrics.json").read_text(encoding="utf-8"))
-    timings_file = args.inp / "timings.json"
-    if not timings_file.is_file():
-        raise StageError(f"{timings_file}: not found; run the benchmark stage (dvc repro benchmark)")
-    timings = json.loads(timings_file.read_text(encoding="utf-8"))
-    rows = merged_rows(bench, timings)
-    bench = {**bench, "variants": rows}
-    # however noisy the run, a 1.5x speed difference still decides
-    margin = min(0.5, max(p.latency_margin, 2 * float(timings.get("noise") or 0.0)))
-    candidate, gates = candidate_of(rows, p.gate_limits, margin)
-    row = rows[candidate]
-    source = root / row["file"]
-    if not source.is_file():
-        raise StageError(f"{row['file']}: the file of variant {candidate} is missing; run dvc repro")
-    if sha256_file(source) != row["sha256"]:
-        raise StageError(f"{row['file']}: differs from the file benchmark measured; run dvc repro")
-    tokenizer = args.quantize / "tokenizer"
-    labels_file = args.clean / "labels.json"
-    lock = read_lock(root)
-    read = check_against_lock(
-        root,
-        lock,
-        [
-            source,
-            tokenizer,
-            labels_file,
-            args.inp / "metrics.json",
-            timings_file,
-            args.ingest / "ingest.json",
-            args.fingerprint / "fingerprint.json",
-            args.build / "manifest.json",
-        ],
-    )
-    manifest = json.loads((args.build / "manifest.json").read_text(encoding="utf-8"))
-    engine = manifest["engines"].get(candidate)
-    model_file = "model" + (".plan" if (engine or {}).get("backend") == "tensorrt" else ".onnx")
-    options_file = args.build / manifest["session_options"] if manifest.get("session_options") else None
-    options = json.loads(options_file.read_text(encoding="utf-8")) if options_file and options_file.is_file() else None
-    runtime = runtime_record(engine, options, candidate, model_file)
-    labels = json.loads(labels_file.read_text(encoding="utf-8"))
-    ingest = json.loads((args.ingest / "ingest.json").read_text(encoding="utf-8"))
-    fingerprint = json.loads((args.fingerprint / "fingerprint.json").read_text(encoding="utf-8"))
-    max_length = int(bench.get("max_length") or 64)
-
-    registry = root / p.registry
-    model_dir = registry / p.model
-    model_dir.mkdir(parents=True, exist_ok=True)
-    existing = existing_versions(model_dir)
-    tag_name = None
-    work = Path(tempfile.mkdtemp(prefix=".publish-", dir=model_dir))
-    try:
-        # The payload first: it decides whether this content is already published.
-        shutil.copyfile(source, work / model_file)
-        shutil.copytree(tokenizer, work / "tokenizer")
-        shutil.copyfile(labels_file, work / "labels.json")
-        (work / "runtime.json").write_text(dumps_json(runtime), encoding="utf-8")
-        payload = file_sums(work)
-        digest = payload_digest(payload)
-        same = sorted((v for v, d in existing.items() if d == digest), key=version_key)
-        if same:
-            version, status = same[-1], "existing"
-            if p.version not in ("auto", version):
-                print(
-                    f"publish: content already published as {version}; publish.version {p.version} not used",
-                    file=sys.stderr,
-                )
-        else:
-            version, status = next_version(existing, p.version), "published"
-            if version in existing or (model_dir / version).exists():
-                raise StageError(
-                    f"publish.version: {model_dir / version} exists with other content; a version is never "
-                    "overwritten (set publish.version: auto or a new x.y.z)"
-                )
-        if p.tag:
-            tag_name = f"{p.model}@v{version}"
-            tag_exists = tag_precheck(root, tag_name)
-        git = git_state(root)
-        target = model_dir / version
-        if status == "published":
-            order = stage_order(root)
-            lineage = {
-                "model": p.model,
-                "version": version,
-                "variant": candidate,
-                "content_digest": digest,
-                "git": git,
-                "files": payload,
-                "published_from": {"file": rel(root, source), "sha256": row["sha256"]},
-                "publish": {
-                    "params": {
-                        "gates": p.gates,
-                        "latency_margin": p.latency_margin,
-                        "version": p.version,
-                        "tag": p.tag,
-                    },
-                    "reads": read,
-                    "margin_used": margin,  # max(latency_margin, twice benchmark's noise), at most 0.5
-                },
-                "stages": [{"name": s, **lock[s]} for s in order if s in lock and s != "publish"],
-                "sources": ingest.get("sources", []),
-                "fingerprint": fingerprint,
-                "benchmark": {"variant": row, "gates": gates},
-            }
-            ctx = {
-                "model": p.model,
-                "version": version,
-                "bench": bench,
-                "candidate": candidate,
-                "row": row,
-                "labels": labels,
-                "ingest": ingest,
-                "gates": gates,
-                "fingerprint": fingerprint,
-                "runtime": runtime,
-                "model_file": model_file,
-                "git": git,
-                "content_digest": digest,
-                "max_length": max_length,
-                "registry": p.registry,
-            }
-            (work / "lineage.json").write_text(dumps_json(lineage), encoding="utf-8")
-            (work / "model_card.md").write_text(model_card(ctx), encoding="utf-8")
-            sums = file_sums(work)
-            (work / SUMS).write_text("".join(f"{h}  {n}\n" for n, h in sums.items()), encoding="utf-8")
-            for f in work.rglob("*"):
-                if f.is_file():
-                    fsync_file(f)
-            for d in [*sorted((x for x in work.rglob("*") if x.is_dir()), reverse=True), work]:
-                fsync_dir(d)
-            work.chmod(0o755)
-            freeze(work)
-            os.rename(work, target)  # fails rather than replace a folder that appeared meanwhile
-            fsync_dir(model_dir)
-            print(f"publish: {p.model} {version} <- {candidate} ({rel(root, source)})", file=sys.stderr)
-        else:
-            print(
-                f"publish: {candidate} is already published as {p.model} {version}; registry unchanged", file=sys.stderr
-            )
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    if tag_name is not None and not tag_exists:
-        made = subprocess.run(
-            ["git", "tag", "-a", tag_name, "-m", f"Registering artifact {p.model} version v{version}"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            raise StageError(
-                f"publish.tag: {p.model} {version} is published but git tag {tag_name} failed: {made.stderr.strip()}"
-            )
+    release = gather(args, root, p)
+    version, target, new = publish(root, release, p)
+    tag = add_tag(root, p.model, version) if p.tag else None
+    d = release.decision
     # Only what the same inputs always give: the payload's digests (not the model card's or lineage's, which
     # quote timings) and each gate's limit and outcome (the measured latencies are in lineage.json). Whether
     # this run wrote the version or found it is printed, not recorded, so a forced rerun changes nothing.
+    files = payload_sums(read_sums(target))
     receipt = {
         "model": p.model,
         "version": version,
         "path": rel(root, target),
-        "variant": candidate,
-        "content_digest": digest,
-        "files": {n: h for n, h in read_sums(target).items() if n.startswith(PAYLOAD)},
-        "gates": {k: {"limit": g["limit"], "passed": g["passed"]} for k, g in sorted(gates.items())},
-        "tag": tag_name,
+        "variant": d.candidate,
+        "content_digest": payload_digest(files),
+        "files": files,
+        "gates": {k: {"limit": g["limit"], "passed": g["passed"]} for k, g in sorted(d.gates.items())},
+        "tag": tag,
         "benchmark_report": rel(root, args.inp / "report.md"),
     }
     with outputs() as w:
         w.json(args.out / "receipt.json", receipt)
-    print(f"publish: {status} {p.model}@{version} -> {rel(root, target)}")
+    if new:
+        print(f"publish: {p.model} {version} <- {d.candidate} ({rel(root, release.source)})", file=sys.stderr)
+    else:
+        print(
+            f"publish: {d.candidate} is already published as {p.model} {version}; registry unchanged", file=sys.stderr
+        )
+    print(f"publish: {'published' if new else 'existing'} {p.model}@{version} -> {rel(root, target)}")
     return 0
 
 

@@ -36,12 +36,14 @@ import polars as pl
 import torch
 from torch import nn
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.encoder import TextClassifier, TokenizedTexts, load
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.metrics import accuracy, macro_f1
-from stages.common.onnx_runtime import (
+from stages.model.encoder import TextClassifier, TokenizedTexts, load
+from stages.model.evaluation import scores
+from stages.model.training import OptimParams, finetune
+from stages.records import QuantizeReport, VariantScore
+from stages.runner.cli import read_frames, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import read_params
+from stages.runtime.onnx import (
     export_onnx,
     feeds,
     latency_samples,
@@ -51,8 +53,9 @@ from stages.common.onnx_runtime import (
     session,
     size_mb,
 )
-from stages.common.timing import percentiles, relative_speed
-from stages.common.training import OptimParams
+from stages.runtime.settings import RuntimeParams
+from stages.runtime.timing import percentiles, relative_speed
+from stages.storage.atomic import outputs
 
 VARIANTS = ("dynamic", "static")
 
@@ -63,7 +66,6 @@ class QuantizeParams:
     parity_tolerance: float = 1e-4  # max |logit difference| between PyTorch and the fp32 ONNX model
     parity_rows: int = 512  # validation rows compared (all when fewer)
     variants: tuple[str, ...] = VARIANTS
-    per_channel: bool = True
     calibration_rows: int = 256  # validation rows for static calibration
     qat: bool = False
     qat_epochs: int = 1
@@ -72,22 +74,20 @@ class QuantizeParams:
     strict: bool = False  # true: exit non-zero when no variant meets the budget
     latency_runs: int = 1000  # batch-1 runs per variant for the model-only latency (sub-millisecond each)
     rounds: int = 40  # ...in this many interleaved rounds (the spread of the per-round ratios gives the noise)
-    threads: int = 2
-    max_length: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.variants))
         unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown or not self.variants:
-            raise ValueError(f"quantize.variants must be a non-empty subset of {list(VARIANTS)}, got {unknown}")
+            raise ParamError(f"quantize.variants must be a non-empty subset of {list(VARIANTS)}, got {unknown}")
         if self.opset < 17:
-            raise ValueError(f"quantize.opset must be >= 17, got {self.opset}")
-        for key in ("parity_rows", "calibration_rows", "latency_runs", "rounds", "threads", "qat_epochs", "max_length"):
+            raise ParamError(f"quantize.opset must be >= 17, got {self.opset}")
+        for key in ("parity_rows", "calibration_rows", "latency_runs", "rounds", "qat_epochs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"quantize.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ParamError(f"quantize.{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.max_accuracy_drop < 0:
-            raise ValueError(f"quantize.max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
+            raise ParamError(f"quantize.max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
 
 
 def check_parity(model: TextClassifier, onnx_path: Path, texts: TokenizedTexts, tolerance: float) -> float:
@@ -177,23 +177,23 @@ def _swap_linears(module: nn.Module, wrap: bool) -> None:
 
 
 def qat_finetune(
-    model: TextClassifier, tokenizer: Any, train: pl.DataFrame, val: pl.DataFrame, labels: dict[str, int], p: Any
+    model: TextClassifier,
+    tokenizer: Any,
+    train: pl.DataFrame,
+    val: pl.DataFrame,
+    labels: dict[str, int],
+    p: QuantizeParams,
+    max_length: int,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Quantization-aware fine-tune of the encoder's Linears (weights fake-quantized, cross-entropy)."""
-    from stages.distill import finetune
-
+    """Quantization-aware fine-tune of the encoder's Linears (weights fake-quantized, cross-entropy);
+    returns the training summary and its timings."""
     _swap_linears(model.encoder.encoder, wrap=True)
     try:
-        optim = OptimParams(epochs=p.qat_epochs, lr=p.qat_lr, batch_size=32, max_length=p.max_length, seed=p.seed)
-        summary, timings = finetune(model, tokenizer, train, val, labels, optim, engine="torch")
+        optim = OptimParams(epochs=p.qat_epochs, lr=p.qat_lr, batch_size=32, max_length=max_length, seed=p.seed)
+        result = finetune(model, tokenizer, train, val, labels, optim, name="quantize: quantization-aware fine-tune")
     finally:
         _swap_linears(model.encoder.encoder, wrap=False)
-    return summary, timings
-
-
-def score(logits: np.ndarray, truth: list[int], n_labels: int) -> dict[str, float]:
-    pred = logits.argmax(1).tolist()
-    return {"accuracy": round(accuracy(truth, pred), 6), "macro_f1": round(macro_f1(truth, pred, n_labels), 6)}
+    return result.summary(), result.timings()
 
 
 def choose(frontier: dict[str, dict[str, Any]], budget: float) -> tuple[str, bool, str]:
@@ -218,97 +218,156 @@ def choose(frontier: dict[str, dict[str, Any]], budget: float) -> tuple[str, boo
     )
 
 
-@stage_entrypoint("quantize")
-def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.quantize --in data/06_prune --augment … --clean … --out data/07_quantize`."""
-    args = stage_args("quantize", __doc__, argv, upstream="prune", more=("augment", "clean"))
-    p = stage_params(QuantizeParams, "quantize", args.params)
-    torch.manual_seed(p.seed)
-    model, tokenizer, labels = load(args.inp / "student")
-    held = read_frames(args.clean, ("val", "test"), upstream="clean")
-    val_texts = TokenizedTexts(tokenizer, held["val"]["text"].to_list(), p.max_length)
-    truth = [labels[x] for x in held["val"]["label"]]
+@dataclass(frozen=True)
+class Quantized:
+    """What `quantize` makes: the fp32 model and every INT8 variant (serialized ONNX), the report (the
+    chosen variant among them) and the timings."""
+
+    fp32: bytes
+    variants: dict[str, bytes]
+    report: QuantizeReport
+    timings: dict[str, Any]
+
+    @property
+    def chosen(self) -> bytes:
+        return self.variants[self.report.chosen]
+
+
+def make_variants(
+    model: TextClassifier,
+    tokenizer: Any,
+    fp32: Path,
+    calib: TokenizedTexts,
+    qat_data: tuple[pl.DataFrame, pl.DataFrame, dict[str, int]] | None,
+    p: QuantizeParams,
+    rt: RuntimeParams,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The INT8 variants `quantize.variants` (and `qat`) asks for, next to `fp32`; the QAT summary and
+    timings when it ran. `qat_data` is (train rows, validation rows, labels)."""
+    work, made, qat = fp32.parent, {}, {}
+    if "dynamic" in p.variants:
+        made["dynamic"] = work / "dynamic.onnx"
+        quantize_dynamic_int8(fp32, made["dynamic"], rt.per_channel)
+    if "static" in p.variants:
+        made["static"] = work / "static.onnx"
+        quantize_static_int8(fp32, made["static"], calib, p.calibration_rows, rt.per_channel)
+    if qat_data is not None:
+        qat["summary"], qat["timings"] = qat_finetune(model, tokenizer, *qat_data, p, rt.max_length)
+        qat_fp32 = work / "qat_fp32.onnx"
+        export_onnx(model, tokenizer, qat_fp32, p.opset)
+        made["qat"] = work / "qat.onnx"
+        quantize_static_int8(qat_fp32, made["qat"], calib, p.calibration_rows, rt.per_channel)
+    return made, qat
+
+
+def frontier_of(
+    paths: dict[str, Path], texts: TokenizedTexts, truth: list[int], n_labels: int, threads: int
+) -> tuple[dict[str, VariantScore], dict[str, Any]]:
+    """Every model scored on validation rows (INT8 ones against fp32 too), and their sessions."""
+    sessions = {name: session(path, threads) for name, path in paths.items()}
+    logits = {name: ort_logits(sess, texts) for name, sess in sessions.items()}
+    pred = {name: x.argmax(1) for name, x in logits.items()}
+    base = {**scores(logits["fp32"], truth, n_labels), "size_mb": size_mb(paths["fp32"])}
+    frontier = {"fp32": VariantScore(**base)}
+    for name in paths:
+        if name != "fp32":
+            row = {**scores(logits[name], truth, n_labels), "size_mb": size_mb(paths[name])}
+            frontier[name] = VariantScore(
+                **row,
+                accuracy_drop_points=round(100 * (base["accuracy"] - row["accuracy"]), 4),
+                agreement_with_fp32=round(float((pred[name] == pred["fp32"]).mean()), 6),
+                size_vs_fp32=round(row["size_mb"] / base["size_mb"], 4),
+            )
+    return frontier, sessions
+
+
+def time_variants(sessions: dict[str, Any], texts: TokenizedTexts, p: QuantizeParams, threads: int) -> dict[str, Any]:
+    """fp32 and every variant at batch 1, side by side in interleaved rounds (timings.json)."""
+    made = [n for n in sessions if n != "fp32"]
+    print(f"quantize: timing fp32, {', '.join(made)} at batch 1 ({p.rounds} interleaved rounds)", file=sys.stderr)
+    samples = latency_samples(sessions, texts, p.latency_runs, rounds=p.rounds)
+    relative, noise = relative_speed(samples, reference="fp32", rounds=p.rounds)
+    return {
+        "latency_ms": {name: percentiles(values) for name, values in samples.items()},
+        "time_vs_fp32": relative,  # median over rounds of the per-round ratio to fp32
+        "speedup_vs_fp32": {name: round(1 / relative[name], 3) for name in made},
+        "noise": noise,  # relative standard error of time_vs_fp32 within this run
+        "fastest": min(made, key=lambda k: relative[k]),
+        "threads": threads,
+    }
+
+
+def quantize(
+    model: TextClassifier,
+    tokenizer: Any,
+    val: pl.DataFrame,
+    train: pl.DataFrame | None,
+    labels: dict[str, int],
+    p: QuantizeParams,
+    rt: RuntimeParams,
+) -> Quantized:
+    """Export `model` to ONNX (parity-checked on `val`), make the INT8 variants, score them on `val`, time
+    them, and choose one. `train` is needed only with `quantize.qat`."""
+    val_texts = TokenizedTexts(tokenizer, val["text"].to_list(), rt.max_length)
+    truth = [labels[x] for x in val["label"]]
     rng = np.random.default_rng(p.seed)
-    calib = held["val"][sorted(rng.permutation(held["val"].height)[: p.calibration_rows].tolist())]
-    calib_texts = TokenizedTexts(tokenizer, calib["text"].to_list(), p.max_length)
-    metrics: dict[str, Any] = {"opset": p.opset, "threads": p.threads}
+    calib = val[sorted(rng.permutation(val.height)[: p.calibration_rows].tolist())]
+    calib_texts = TokenizedTexts(tokenizer, calib["text"].to_list(), rt.max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        fp32 = work / "model.onnx"
-        metrics["export_form"] = export_onnx(model, tokenizer, fp32, p.opset)
-        parity_texts = TokenizedTexts(tokenizer, held["val"]["text"].to_list()[: p.parity_rows], p.max_length)
-        metrics["parity"] = {
-            "max_abs_logit_diff": check_parity(model, fp32, parity_texts, p.parity_tolerance),
-            "tolerance": p.parity_tolerance,
-            "rows": len(parity_texts),
-        }
-        made: dict[str, Path] = {}
-        if "dynamic" in p.variants:
-            made["dynamic"] = work / "dynamic.onnx"
-            quantize_dynamic_int8(fp32, made["dynamic"], p.per_channel)
-        if "static" in p.variants:
-            made["static"] = work / "static.onnx"
-            quantize_static_int8(fp32, made["static"], calib_texts, p.calibration_rows, p.per_channel)
-        if p.qat:
-            train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
-            metrics["qat"], qat_timings = qat_finetune(model, tokenizer, train, held["val"], labels, p)
-            qat_fp32 = work / "qat_fp32.onnx"
-            export_onnx(model, tokenizer, qat_fp32, p.opset)
-            made["qat"] = work / "qat.onnx"
-            quantize_static_int8(qat_fp32, made["qat"], calib_texts, p.calibration_rows, p.per_channel)
-        frontier: dict[str, dict[str, Any]] = {}
-        paths = {"fp32": fp32, **made}
-        sessions = {name: session(path, p.threads) for name, path in paths.items()}
-        preds = {}
-        for name, sess in sessions.items():
-            logits = ort_logits(sess, val_texts)
-            preds[name] = logits.argmax(1)
-            frontier[name] = {**score(logits, truth, len(labels)), "size_mb": size_mb(paths[name])}
-        base = frontier["fp32"]
-        for name in made:
-            frontier[name]["accuracy_drop_points"] = round(100 * (base["accuracy"] - frontier[name]["accuracy"]), 4)
-            frontier[name]["agreement_with_fp32"] = round(float((preds[name] == preds["fp32"]).mean()), 6)
-            frontier[name]["size_vs_fp32"] = round(frontier[name]["size_mb"] / base["size_mb"], 4)
-        print(f"quantize: timing fp32, {', '.join(made)} at batch 1 ({p.rounds} interleaved rounds)", file=sys.stderr)
-        samples = latency_samples(sessions, val_texts, p.latency_runs, rounds=p.rounds)
-        relative, noise = relative_speed(samples, reference="fp32", rounds=p.rounds)
-        chosen, met, why = choose({k: frontier[k] for k in made}, p.max_accuracy_drop)
-        timings = {
-            "latency_ms": {name: percentiles(values) for name, values in samples.items()},
-            "time_vs_fp32": relative,  # median over rounds of the per-round ratio to fp32
-            "speedup_vs_fp32": {name: round(1 / relative[name], 3) for name in made},
-            "noise": noise,  # relative standard error of time_vs_fp32 within this run
-            "fastest": min(made, key=lambda k: relative[k]),
-            "threads": p.threads,
-        }
-        if p.qat:
-            timings["qat"] = qat_timings
-        metrics.update(
+        fp32 = Path(tmp) / "model.onnx"
+        export_form = export_onnx(model, tokenizer, fp32, p.opset)
+        parity_texts = TokenizedTexts(tokenizer, val["text"].to_list()[: p.parity_rows], rt.max_length)
+        worst = check_parity(model, fp32, parity_texts, p.parity_tolerance)
+        qat_data = (train, val, labels) if p.qat and train is not None else None
+        made, qat = make_variants(model, tokenizer, fp32, calib_texts, qat_data, p, rt)
+        frontier, sessions = frontier_of({"fp32": fp32, **made}, val_texts, truth, len(labels), rt.threads)
+        timings = {**time_variants(sessions, val_texts, p, rt.threads), **({"qat": qat["timings"]} if qat else {})}
+        chosen, met, why = choose({k: frontier[k].to_dict() for k in made}, p.max_accuracy_drop)
+        report = QuantizeReport(
+            opset=p.opset,
+            threads=rt.threads,
+            export_form=export_form,
+            parity={"max_abs_logit_diff": worst, "tolerance": p.parity_tolerance, "rows": len(parity_texts)},
             frontier=frontier,
             chosen=chosen,
             budget_met=met,
             why=why,
             max_accuracy_drop=p.max_accuracy_drop,
+            qat=qat.get("summary"),
         )
-        if not met and p.strict:  # fail closed: nothing is written
-            raise StageError(f"quantize.strict: {why}")
-        with outputs() as w:
-            w.file(args.out / "model.onnx", lambda tmp_path: shutil.copyfile(fp32, tmp_path))
-            w.file(args.out / "model.int8.onnx", lambda tmp_path: shutil.copyfile(made[chosen], tmp_path))
-            tok_folder = w.directory(args.out / "tokenizer")  # the models' tokenizer and label map
-            tokenizer.save_pretrained(str(tok_folder))
-            shutil.copyfile(args.inp / "student" / "labels.json", tok_folder / "labels.json")
-            folder = w.directory(args.out / "variants")
-            for name, path in made.items():
-                shutil.copyfile(path, folder / f"{name}.onnx")
-            w.json(args.out / "metrics.json", metrics)
-            w.json(args.out / "timings.json", timings)
-    c = frontier[chosen]
+        return Quantized(fp32.read_bytes(), {n: path.read_bytes() for n, path in made.items()}, report, timings)
+
+
+@stage_entrypoint("quantize")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.quantize --in data/06_prune --augment … --clean … --out data/07_quantize`."""
+    args = stage_args("quantize", __doc__, argv, upstream="prune", more=("augment", "clean"))
+    p = read_params(QuantizeParams, "quantize", args.params)
+    rt = read_params(RuntimeParams, "runtime", args.params)
+    torch.manual_seed(p.seed)
+    model, tokenizer, labels = load(args.inp / "student")
+    val = read_frames(args.clean, ("val",), upstream="clean")["val"]
+    train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id") if p.qat else None
+    q = quantize(model, tokenizer, val, train, labels, p, rt)
+    if not q.report.budget_met and p.strict:  # fail closed: nothing is written
+        raise StageError(f"quantize.strict: {q.report.why}")
+    with outputs() as w:
+        w.file(args.out / "model.onnx", lambda tmp: tmp.write_bytes(q.fp32))
+        w.file(args.out / "model.int8.onnx", lambda tmp: tmp.write_bytes(q.chosen))
+        tok_folder = w.directory(args.out / "tokenizer")  # the models' tokenizer and label map
+        tokenizer.save_pretrained(str(tok_folder))
+        shutil.copyfile(args.inp / "student" / "labels.json", tok_folder / "labels.json")
+        folder = w.directory(args.out / "variants")
+        for name, data in q.variants.items():
+            (folder / f"{name}.onnx").write_bytes(data)
+        w.json(args.out / "metrics.json", q.report.to_dict())
+        w.json(args.out / "timings.json", q.timings)
+    r, c = q.report, q.report.frontier[q.report.chosen]
     print(
-        f"quantize: parity {metrics['parity']['max_abs_logit_diff']:.2g}; fp32 val {base['accuracy']:.4f}; chose "
-        f"{chosen} (val {c['accuracy']:.4f}, {c['size_vs_fp32']:.0%} of fp32 size, "
-        f"{timings['speedup_vs_fp32'][chosen]:.2f}x "
-        f"faster at batch 1){'' if met else '; accuracy budget MISSED'} -> {args.out}"
+        f"quantize: parity {r.parity['max_abs_logit_diff']:.2g}; fp32 val {r.frontier['fp32'].accuracy:.4f}; chose "
+        f"{r.chosen} (val {c.accuracy:.4f}, {c.size_vs_fp32:.0%} of fp32 size, "
+        f"{q.timings['speedup_vs_fp32'][r.chosen]:.2f}x faster at batch 1)"
+        f"{'' if r.budget_met else '; accuracy budget MISSED'} -> {args.out}"
     )
     return 0
 

@@ -3,8 +3,8 @@
 Architecture from params (layers, hidden size, heads, FFN size). `init: teacher` copies the embeddings and
 the chosen teacher layers (DistilBERT-style); `scratch` starts fresh. The vocabulary is trimmed to the
 word pieces of the training corpus, special tokens and every single-character piece, so unseen words
-still tokenize. Loss: alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE(labels), plus
-`hidden_weight` * MSE between the pooled embeddings (through a learned projection when widths differ).
+still tokenize. The loss is `kd:` in params.yaml (stages.model.distillation), shared with prune's
+recovery; the engine is `training:`, shared with distill and prune.
 """
 
 from __future__ import annotations
@@ -15,27 +15,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
-from torch import nn
 
-from stages.common.atomic import outputs
-from stages.common.cli import read_frames, stage_args, stage_params
-from stages.common.encoder import TextClassifier, TokenizedTexts, flops_per_token, load, save
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.params import from_dict
-from stages.common.training import (
-    OptimParams,
-    check_engine,
-    fit,
-    is_main_process,
-    make_deterministic,
-    resolve_engine,
-)
-from stages.distill import evaluate
-
-FLOPS_SEQ_LEN = 32  # sequence length at which FLOPs per token are reported (intents are ~10-30 tokens)
+from stages.model.distillation import KdParams, distill_student, soft_targets
+from stages.model.encoder import FLOPS_SEQ_LEN, TextClassifier, flops_per_token, load, save
+from stages.model.evaluation import evaluate
+from stages.model.training import OptimParams, TrainingParams, is_main_process, make_deterministic
+from stages.runner.cli import read_frames, stage_args, stage_entrypoint
+from stages.runner.errors import ParamError, StageError
+from stages.runner.params import from_dict, read_params
+from stages.storage.atomic import outputs
 
 
 @dataclass(frozen=True)
@@ -47,11 +37,6 @@ class TrainParams:
     init: str = "teacher"  # teacher: copy embeddings and `teacher_layers`; scratch: random init
     teacher_layers: tuple[int, ...] | None = None  # null: evenly spaced, first and last included
     trim_vocab: bool = True  # keep only word pieces the corpus uses (+ specials, single characters)
-    alpha: float = 0.7  # weight of the distillation term against the hard-label cross-entropy
-    temperature: float = 2.0  # softens both distributions so the teacher's ranking of wrong labels counts
-    hidden_weight: float = 0.0  # weight of pooled-embedding MSE against the teacher; 0 turns it off
-    engine: str = "auto"  # torch, deepspeed, or auto (deepspeed with CUDA or under its launcher); distill too
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine deepspeed only)
     optim: OptimParams = field(default_factory=lambda: OptimParams(epochs=6, lr=2e-4, batch_size=32))
 
     def __post_init__(self) -> None:
@@ -60,23 +45,16 @@ class TrainParams:
         if self.teacher_layers is not None:
             object.__setattr__(self, "teacher_layers", tuple(self.teacher_layers))
             if len(self.teacher_layers) != self.layers:
-                raise ValueError(
+                raise ParamError(
                     f"train.teacher_layers names {len(self.teacher_layers)} layers but train.layers is {self.layers}"
                 )
         for key in ("layers", "hidden", "heads", "ffn"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ParamError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.hidden % self.heads:
-            raise ValueError(f"train.hidden ({self.hidden}) must be divisible by train.heads ({self.heads})")
+            raise ParamError(f"train.hidden ({self.hidden}) must be divisible by train.heads ({self.heads})")
         if self.init not in ("teacher", "scratch"):
-            raise ValueError(f"train.init must be teacher or scratch, got {self.init!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"train.alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"train.temperature must be > 0, got {self.temperature}")
-        check_engine(self.engine, self.zero_stage)
-        if self.hidden_weight < 0:
-            raise ValueError(f"train.hidden_weight must be >= 0, got {self.hidden_weight}")
+            raise ParamError(f"train.init must be teacher or scratch, got {self.init!r}")
 
 
 def trim_vocabulary(tokenizer: Any, texts: list[str]) -> tuple[list[int], Any]:
@@ -152,86 +130,6 @@ def build_student(teacher: TextClassifier, kept: list[int] | None, p: TrainParam
     return student
 
 
-def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
-) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)."""
-    t = temperature
-    soft = nn.functional.kl_div(
-        nn.functional.log_softmax(student_logits / t, dim=-1),
-        nn.functional.softmax(teacher_logits / t, dim=-1),
-        reduction="batchmean",
-    )
-    hard = nn.functional.cross_entropy(student_logits, labels)
-    return alpha * t * t * soft + (1.0 - alpha) * hard
-
-
-class Distiller(nn.Module):
-    """The student plus, for hidden-state distillation, a projection to the teacher's width (not saved)."""
-
-    def __init__(self, student: TextClassifier, teacher_width: int):
-        super().__init__()
-        self.student = student
-        width = student.config.hidden_size
-        self.project = nn.Identity() if width == teacher_width else nn.Linear(width, teacher_width)
-
-    def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pooled = self.student(**batch)
-        return logits, self.project(pooled)
-
-
-def distill_student(
-    student: TextClassifier,
-    tokenizer: Any,
-    train: pl.DataFrame,
-    soft: pl.DataFrame,
-    val: pl.DataFrame,
-    labels: dict[str, int],
-    p: TrainParams,
-    engine: str = "torch",
-    on_step: Any = None,
-    name: str = "train: student distillation",
-) -> dict[str, Any]:
-    """Train the student in place on (train rows, teacher soft labels); returns the training summary.
-    `on_step(distiller, step, total)` runs after each optimizer step (see `fit`)."""
-    # the rows keep train's order (sorted by id): the batches, and so the weights, depend on it
-    joined = train.join(soft, on="id", how="left", maintain_order="left")
-    missing = joined.filter(pl.col("logits").is_null())["id"].to_list()
-    if missing:
-        raise StageError(f"soft labels missing for {len(missing)} training row(s), e.g. {missing[:3]}; rerun distill")
-    texts = TokenizedTexts(tokenizer, joined["text"].to_list(), p.optim.max_length)
-    teacher_logits = torch.tensor(np.array(joined["logits"].to_list(), dtype=np.float32))
-    teacher_pooled = torch.tensor(np.array(joined["embedding"].to_list(), dtype=np.float32))
-    targets = torch.tensor([labels[x] for x in joined["label"]])
-    model = Distiller(student, teacher_pooled.shape[1])
-
-    def step_loss(forward: Any, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        logits, pooled = forward(**texts.batch(rows, device))
-        soft, hard = teacher_logits[rows].to(device), targets[rows].to(device)
-        loss = kd_loss(logits.float(), soft, hard, p.alpha, p.temperature)
-        if p.hidden_weight > 0:
-            loss = loss + p.hidden_weight * nn.functional.mse_loss(pooled.float(), teacher_pooled[rows].to(device))
-        return loss
-
-    def val_acc(m: nn.Module) -> float:
-        return evaluate(m.student, tokenizer, val, labels, p.optim.max_length)["accuracy"]
-
-    result = fit(
-        model,
-        joined.height,
-        step_loss,
-        val_acc,
-        p.optim,
-        name=name,
-        lengths=texts.lengths,
-        engine=engine,
-        zero_stage=p.zero_stage,
-        on_step=on_step,
-    )
-    model.float().load_state_dict(result.best_state)
-    return {**result.summary(), "curves": result.curves, "timings": result.timings()}
-
-
 def curves_csv(curves: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr", "val_accuracy"], lineterminator="\n")
@@ -247,11 +145,27 @@ def curves_csv(curves: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def report(student: TextClassifier, teacher: TextClassifier, tokenizer: Any, held: dict[str, pl.DataFrame],
+           labels: dict[str, int], max_length: int) -> dict[str, Any]:  # fmt: skip
+    """metrics.json without the training summary: scores, size and FLOPs against the teacher's."""
+    return {
+        "val": evaluate(student, tokenizer, held["val"], labels, max_length),
+        "test": evaluate(student, tokenizer, held["test"], labels, max_length),
+        "parameters": sum(t.numel() for t in student.parameters()),
+        "vocab_size": student.config.vocab_size,
+        "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
+        "teacher_flops_per_token": flops_per_token(teacher, FLOPS_SEQ_LEN),
+        "flops_seq_len": FLOPS_SEQ_LEN,
+    }
+
+
 @stage_entrypoint("train")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.train --in … --distill … --clean … --out data/05_train` (see dvc.yaml)."""
     args = stage_args("train", __doc__, argv, upstream="augment", more=("distill", "clean"))
-    p = stage_params(TrainParams, "train", args.params)
+    p = read_params(TrainParams, "train", args.params)
+    kd = read_params(KdParams, "kd", args.params)
+    training = read_params(TrainingParams, "training", args.params)
     make_deterministic(p.optim.seed, p.optim.deterministic)
     train = read_frames(args.inp, ("train",), upstream="augment")["train"].sort("id")
     soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
@@ -259,26 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_tok, labels = load(args.distill / "teacher")
     kept, tokenizer = trim_vocabulary(teacher_tok, train["text"].to_list()) if p.trim_vocab else (None, teacher_tok)
     student = build_student(teacher, kept, p)
-    engine, why = resolve_engine(p.engine)
-    summary = distill_student(student, tokenizer, train, soft, held["val"], labels, p, engine)
-    summary["engine"]["chosen_by"] = why
+    engine, why = training.resolve()
+    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length)
+    result = distill_student(
+        student, tokenizer, targets, held["val"], labels, kd, p.optim, (engine, training.zero_stage)
+    )
     if not is_main_process():
         return 0  # other DeepSpeed ranks trained their share; rank 0 writes
-    metrics = {
-        "val": evaluate(student, tokenizer, held["val"], labels, p.optim.max_length),
-        "test": evaluate(student, tokenizer, held["test"], labels, p.optim.max_length),
-        "parameters": sum(t.numel() for t in student.parameters()),
-        "vocab_size": student.config.vocab_size,
-        "flops_per_token": flops_per_token(student, FLOPS_SEQ_LEN),
-        "teacher_flops_per_token": flops_per_token(teacher, FLOPS_SEQ_LEN),
-        "flops_seq_len": FLOPS_SEQ_LEN,
-        "training": {k: v for k, v in summary.items() if k not in ("curves", "timings")},
-    }
+    summary = result.summary()
+    summary["engine"]["chosen_by"] = why
+    metrics = {**report(student, teacher, tokenizer, held, labels, p.optim.max_length), "training": summary}
     with outputs() as w:
         save(student.eval(), tokenizer, labels, w.directory(args.out / "student"))
         w.json(args.out / "metrics.json", metrics)
-        w.text(args.out / "curves.csv", curves_csv(summary["curves"]))
-        w.json(args.out / "timings.json", {"training": summary["timings"]})
+        w.text(args.out / "curves.csv", curves_csv(result.curves))
+        w.json(args.out / "timings.json", {"training": result.timings()})
     ratio = metrics["flops_per_token"] / metrics["teacher_flops_per_token"]
     print(
         f"train: student test accuracy {metrics['test']['accuracy']:.4f} (macro-F1 {metrics['test']['macro_f1']:.4f}), "

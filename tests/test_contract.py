@@ -1,8 +1,13 @@
-"""dvc.yaml, params.yaml and the code agree: one name everywhere, deps cover what each stage imports."""
+"""dvc.yaml, params.yaml and the code agree: one name everywhere, deps cover what each stage imports, params
+tracked are the params read; and the layers hold: no stage imports a stage, no import circle, flows/ import
+only the light library, no function in stages/ over 60 lines."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -90,10 +95,81 @@ def test_deps_cover_every_imported_project_module():
 
 def test_import_walk_sees_transitive_imports():
     files = project_files_of("stages.clean")
-    assert {"stages/__init__.py", "stages/common/__init__.py", "stages/common/validation.py"} <= files
+    assert {"stages/__init__.py", "stages/data/__init__.py", "stages/data/validation.py"} <= files
 
 
-def test_flows_import_nothing_from_stages():
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (not counting parent packages)."""
+    graph = {}
+    for path in sorted([*(ROOT / "stages").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]):
+        graph[module_name(path)] = {
+            module_name(module_file(m))
+            for m in imported_modules(path)
+            if module_name(module_file(m)) != module_name(path)
+        }
+    return graph
+
+
+STAGES = set(dvc_stages())
+
+
+def test_no_stage_imports_a_stage_and_the_library_imports_no_stage():
+    for module, imports in import_graph().items():
+        stage_imports = sorted(m for m in imports if m.removeprefix("stages.") in STAGES)
+        assert not stage_imports, f"{module} imports stage module(s) {stage_imports}: move what they share below"
+
+
+def test_the_import_graph_has_no_circle():
+    graph, state, path = import_graph(), {}, []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != "open", f"import circle: {' -> '.join(path[path.index(dep) :] + [dep])}"
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+def test_flows_import_only_the_light_library():
+    """flows/ (and deploy/) may use the registry and records, never what pulls in torch: checked by import."""
+    code = "import sys, flows.lineage, flows.pipeline, flows.reproduce, flows.dag; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
     for path in (ROOT / "flows").glob("*.py"):
-        mods = imported_modules(path)
-        assert not [m for m in mods if m.startswith("stages")], f"{path.name} imports from stages"
+        heavy = sorted(m for m in imported_modules(path) if m.startswith(("stages.model", "stages.runtime")))
+        assert not heavy, f"{path.name} imports {heavy}"
+
+
+def test_every_params_read_is_tracked_and_every_tracked_section_is_read():
+    """Each stage reads params only through `read_params(Class, "section", ...)` in its module; dvc.yaml's
+    `params:` must list exactly those sections, whole (never key by key)."""
+    for path in (ROOT / "stages").rglob("*.py"):
+        if path.name != "params.py":
+            assert "load_section(" not in path.read_text(), f"{path}: read params with read_params"
+    for name, stage in dvc_stages().items():
+        source = (ROOT / "stages" / f"{name}.py").read_text()
+        read = set(re.findall(r'read_params\(\s*\w+,\s*"(\w+)"', source))
+        tracked = stage.get("params", [])
+        assert all(isinstance(t, str) and "." not in t for t in tracked), f"stage {name}: track whole sections"
+        assert set(tracked) == read, f"stage {name}: dvc.yaml tracks {sorted(tracked)}, the code reads {sorted(read)}"
+
+
+def test_no_function_in_stages_is_over_60_lines():
+    long = []
+    for path in (ROOT / "stages").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, f"split these: {long}"

@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.reproduce import rerun, table
@@ -38,6 +39,7 @@ def scan_outputs(root: Path) -> list[str]:
     return hits
 
 
+@pytest.mark.slow
 def test_repro_then_clean_status_then_only_downstream_of_a_param_change(tmp_path):
     root = copy_project(tmp_path / "project", quick_benchmark=True)
     first = dvc(root, "repro")

@@ -47,6 +47,7 @@ def test_graph_is_read_from_dvc_yaml():
     assert graph.metrics["clean"] == ("data/02_clean/clean.json",)
 
 
+@pytest.mark.slow
 def test_flow_runs_the_stages_then_skips_them_all(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client  # noqa: F401  (the harness is live)
 
@@ -64,6 +65,7 @@ def test_flow_runs_the_stages_then_skips_them_all(tmp_path, prefect_harness):
     assert [(r["stage"], r["status"]) for r in second] == [(s, after.get(s, "skipped")) for s in stages]
 
 
+@pytest.mark.slow
 def test_failed_stage_fails_the_flow_with_the_stage_message(tmp_path, prefect_harness):
     from flows.pipeline import StageFailed, pipeline
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.reproduce import ReproduceError, StageCheck, compare_stage, first_difference, rebuild, table
-from stages.common.timing import relative_speed, side_by_side
+from stages.runtime.timing import relative_speed, side_by_side
 
 
 def entry(deps: dict, outs: dict) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from stages.augment import AugmentParams, augment, main, targets
-from stages.common.errors import StageError
+from stages.runner.errors import StageError
 from tests.conftest import frame
 
 SYN = {"money": ["funds", "cash"], "quickly": ["rapidly", "swiftly"], "broken": ["shattered"], "phone": ["telephone"]}

@@ -1,12 +1,12 @@
-"""benchmark's pure parts: the worst label, the Pareto front, the gates and the candidate rule."""
+"""benchmark's pure parts: the worst label, the Pareto front, the typed records it writes."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from stages.benchmark import pareto_front, quality
-from stages.common.gates import Gates, choose_candidate
+from stages.benchmark import pareto_front, report_table
+from stages.model.evaluation import label_quality
+from stages.records import BenchmarkResults, BenchmarkTimings, Latency, Percentiles, VariantResult, VariantTiming
 
 
 def row(acc: float, p50: float, p95: float = 1.0, size: float = 1.0) -> dict:
@@ -15,7 +15,7 @@ def row(acc: float, p50: float, p95: float = 1.0, size: float = 1.0) -> dict:
 
 def test_quality_names_the_worst_label():
     logits = np.eye(3)[[0, 0, 1, 2, 2, 2]]
-    q = quality(logits, [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
+    q = label_quality(logits, [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
     assert q["accuracy"] == round(5 / 6, 6)
     assert q["worst_label_f1"] == {"label": "b", "f1": round(2 / 3, 6)}
 
@@ -25,38 +25,29 @@ def test_pareto_front_keeps_only_undominated_variants():
     assert pareto_front(rows) == ["fast_ok", "slow_best", "tie"]
 
 
-def test_gates_report_each_measured_value_and_limit():
-    gates = Gates(min_accuracy=0.9, max_drop_vs_teacher=1.0, max_p95_ms=5.0, max_size_mb=10.0)
-    checked = gates.check(row(0.905, 1.0, p95=6.0, size=4.0), teacher_accuracy=0.92)
-    assert checked["min_accuracy"] == {"measured": 0.905, "passed": True, "limit": 0.9}
-    assert checked["max_drop_vs_teacher"]["measured"] == 1.5 and not checked["max_drop_vs_teacher"]["passed"]
-    assert not checked["max_p95_ms"]["passed"] and checked["max_size_mb"]["passed"]
+def test_records_round_trip_and_leave_out_absent_keys():
+    result = VariantResult(0.9, 0.88, {"label": "a", "f1": 0.5}, 1.5, "int8", "cpu", True, "x.onnx", "ab" * 32)
+    baseline = VariantResult(0.8, 0.7, {"label": "b", "f1": 0.1}, 0.2, "fp32", "cpu")
+    results = BenchmarkResults({"x": result, "tfidf": baseline}, ["x"], {}, 48, 2, 64)
+    data = results.to_dict()
+    assert "file" not in data["variants"]["tfidf"] and data["variants"]["x"]["file"] == "x.onnx"
+    assert BenchmarkResults.from_dict(data) == results
+    p = Percentiles(1.0, 2.0, 3.0)
+    timing = VariantTiming(Latency(p, Percentiles(2.0, 3.0, 4.0, vs_student_pruned=0.9)), {"batch_32": 10.0})
+    timings = BenchmarkTimings({"x": timing}, {}, ["x"], 0.01, 2, 40)
+    assert BenchmarkTimings.from_dict(timings.to_dict()) == timings
+    assert timing.speed() == 0.9 and VariantTiming(Latency(p, p), {}).speed() == 1.0
 
 
-def publishable(acc: float, p50: float, size: float = 1.0) -> dict:
-    return {**row(acc, p50, size=size), "publishable": True, "file": "x.onnx"}
-
-
-def test_candidate_is_the_fastest_passing_variant_and_noise_below_the_margin_cannot_flip_it():
-    teacher = row(0.95, 10.0)
-    gates = Gates(min_accuracy=0.5)
-    rows = {"teacher_fp32": teacher, "a": publishable(0.90, 1.00), "b": publishable(0.91, 1.03)}
-    assert choose_candidate(rows, gates, 0.05)[0] == "b"  # 3% apart: equally fast, the more accurate wins
-    rows["b"] = publishable(0.91, 0.97)
-    assert choose_candidate(rows, gates, 0.05)[0] == "b"
-    rows["b"] = publishable(0.91, 1.20)  # 20% slower: speed decides
-    assert choose_candidate(rows, gates, 0.05)[0] == "a"
-    rows = {"teacher_fp32": teacher, "a": publishable(0.90, 1.0, size=4.0), "b": publishable(0.90, 1.01, size=3.0)}
-    assert choose_candidate(rows, gates, 0.05)[0] == "b"  # same accuracy: the smaller file
-    # the per-call ratio to a common reference, when benchmark measured one, is what counts
-    rows["a"]["latency_ms"]["end_to_end"]["vs_student_pruned"] = 0.5
-    rows["b"]["latency_ms"]["end_to_end"]["vs_student_pruned"] = 1.0
-    assert choose_candidate(rows, gates, 0.05)[0] == "a"
-
-
-def test_no_passing_variant_gives_no_candidate_and_every_gate_result():
-    rows = {"teacher_fp32": row(0.95, 10.0), "a": publishable(0.90, 1.0, size=30.0)}
-    best, checked = choose_candidate(rows, Gates(max_size_mb=25.0), 0.05)
-    assert best is None and not checked["a"]["max_size_mb"]["passed"]
-    with pytest.raises(ValueError, match="teacher_fp32"):
-        choose_candidate({"a": rows["a"]}, Gates(), 0.05)
+def test_report_table_has_a_row_per_variant():
+    rows = {
+        "x": {
+            **row(0.9, 1.0),
+            "macro_f1": 0.8,
+            "worst_label_f1": {"label": "a", "f1": 0.5},
+            "latency_ms": {"model": {"p50": 0.5, "p95": 0.6, "p99": 0.7}, "end_to_end": {"p50": 1.0, "p95": 1.1}},
+            "throughput_qps": {"batch_32": 100.0, "batch_64": 200.0},
+        }
+    }
+    table = report_table(rows).splitlines()
+    assert len(table) == 3 and table[2].startswith("| x | 0.9000 | 0.8000 |")

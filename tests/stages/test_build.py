@@ -12,58 +12,16 @@ import yaml
 from onnx import numpy_helper
 
 from stages import build, fingerprint, quantize
+from stages.model.encoder import TokenizedTexts, load_tokenizer
+from stages.records import BuildManifest
+from stages.runtime.settings import RuntimeParams
 from tests.stages.tiny import write_stage_inputs
 
-CPUINFO = """processor : 0
-model name : Example CPU @ 2.0GHz
-flags : fpu sse4_2 avx avx2 fma avx512f avx512_vnni hypervisor
-"""
 
-
-def run_fingerprint(out: Path, ignore: list[str] | None = None) -> int:
+def run_fingerprint(out: Path) -> int:
     params = out.parent / f"{out.name}.yaml"
-    params.write_text(yaml.safe_dump({"fingerprint": {"ignore": ignore or []}}))
+    params.write_text(yaml.safe_dump({"fingerprint": {"ignore": []}}))
     return fingerprint.main(["--params", str(params), "--out", str(out)])
-
-
-def test_fingerprint_same_machine_same_bytes(tmp_path):
-    assert run_fingerprint(tmp_path / "a") == 0
-    assert run_fingerprint(tmp_path / "b") == 0
-    first = (tmp_path / "a/fingerprint.json").read_bytes()
-    assert first == (tmp_path / "b/fingerprint.json").read_bytes()
-    found = json.loads(first)
-    assert {"cpu", "gpu", "software", "digest"} <= set(found)
-    assert found["software"]["onnxruntime"] and found["software"]["torch"]
-
-
-def test_fingerprint_changes_with_any_field(monkeypatch):
-    cpu = fingerprint.cpu_info(CPUINFO)
-    assert cpu["model"] == "Example CPU @ 2.0GHz"
-    assert cpu["features"] == ["avx", "avx2", "avx512_vnni", "avx512f", "fma", "sse4_2"]  # not fpu/hypervisor
-    base = fingerprint.fingerprint()["digest"]
-    assert fingerprint.fingerprint()["digest"] == base
-    real_cpu = fingerprint.cpu_info
-    no_vnni = CPUINFO.replace(" avx512_vnni", "")
-    monkeypatch.setattr(fingerprint, "cpu_info", lambda: real_cpu(no_vnni))
-    other_cpu = fingerprint.fingerprint()["digest"]
-    monkeypatch.setattr(fingerprint, "cpu_info", lambda: real_cpu(CPUINFO))
-    with_cpu = fingerprint.fingerprint()["digest"]
-    assert other_cpu != with_cpu
-    real_gpu = fingerprint.gpu_info()
-    monkeypatch.setattr(fingerprint, "gpu_info", lambda: {**real_gpu, "driver": "999.1"})
-    assert fingerprint.fingerprint()["digest"] != with_cpu
-    real_sw = fingerprint.software_info()
-    monkeypatch.setattr(fingerprint, "gpu_info", lambda: real_gpu)
-    monkeypatch.setattr(fingerprint, "software_info", lambda: {**real_sw, "tensorrt": "10.9.0"})
-    assert fingerprint.fingerprint()["digest"] != with_cpu
-
-
-def test_fingerprint_ignore_leaves_a_field_out_and_names_unknown_ones(tmp_path, capsys):
-    assert run_fingerprint(tmp_path / "i", ["software.torch"]) == 0
-    found = json.loads((tmp_path / "i/fingerprint.json").read_text())
-    assert "torch" not in found["software"] and found["ignored"] == ["software.torch"]
-    assert run_fingerprint(tmp_path / "u", ["software.tensorflow"]) == 1
-    assert "fingerprint.ignore: unknown field 'software.tensorflow'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +31,8 @@ def quantized(tmp_path_factory) -> Path:
     (root / "data/06_prune").mkdir()
     (root / "data/06_prune/student").symlink_to(root / "data/05_train/student")
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"quantize": {"latency_runs": 10, "calibration_rows": 8, "max_length": 16}}))
+    section = {"latency_runs": 10, "calibration_rows": 8}
+    params.write_text(yaml.safe_dump({"quantize": section, "runtime": {"max_length": 16}}))
     d = root / "data"
     argv = ["--params", str(params), "--in", str(d / "06_prune"), "--augment", str(d / "03_augment")]
     assert quantize.main(argv + ["--clean", str(d / "02_clean"), "--out", str(d / "07_quantize")]) == 0
@@ -82,9 +41,9 @@ def quantized(tmp_path_factory) -> Path:
 
 
 def run_build(root: Path, out: str, code: int = 0, **params) -> dict | None:
-    section = {"latency_runs": 20, "max_length": 16, **params}
+    section = {"latency_runs": 20, **params}
     params_file = root / f"{out}.yaml"
-    params_file.write_text(yaml.safe_dump({"build": section, "quantize": {"per_channel": True}}))
+    params_file.write_text(yaml.safe_dump({"build": section, "runtime": {"max_length": 16, "per_channel": True}}))
     d = root / "data"
     argv = ["--params", str(params_file), "--in", str(d / "07_quantize"), "--clean", str(d / "02_clean")]
     argv += ["--fingerprint", str(d / "00_fingerprint"), "--out", str(root / out)]
@@ -190,3 +149,17 @@ def test_tensorrt_engines_on_gpu(quantized):
         assert engine["status"] in ("built", "skipped"), engine
         if engine["status"] == "built":
             assert engine["providers"][0] != "CPUExecutionProvider"
+
+
+def test_build_engines_core_on_tiny_inputs(quantized, tmp_path):
+    """The pure core, without params.yaml or the stage's folders: engines into a folder, a typed manifest."""
+    q = quantized / "data/07_quantize"
+    texts = TokenizedTexts(load_tokenizer(q / "tokenizer"), ["where is my parcel", "refund my money"], 16)
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    p = build.BuildParams(gpu=(), latency_runs=5)
+    manifest, timings = build.build_engines(q, folder, texts, p, RuntimeParams(max_length=16), "abc")
+    assert isinstance(manifest, BuildManifest) and manifest.machine == "abc"
+    assert manifest.engines["onnxruntime_int8"].built and (folder / "onnxruntime_int8.onnx").is_file()
+    assert BuildManifest.from_dict(manifest.to_dict()) == manifest  # written and read by the same code
+    assert set(timings["engines"]) == {"onnxruntime_fp32", "onnxruntime_int8"}

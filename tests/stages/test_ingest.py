@@ -5,8 +5,8 @@ import json
 import polars as pl
 import pytest
 
-from stages.common.errors import StageError
 from stages.ingest import IngestParams, Loaded, ingest, main, parse, read_source
+from stages.runner.errors import StageError
 
 
 def csv_bytes(rows: list[tuple[str, str]], header: str = "text,label") -> bytes:

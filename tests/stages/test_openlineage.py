@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.errors import StageError, stage_entrypoint
-from stages.common.hashing import dvc_md5
+from stages.runner.cli import stage_entrypoint
+from stages.runner.errors import StageError
+from stages.storage.hashing import dvc_md5
 
 
 def tiny_repo(root: Path, lineage: dict) -> None:

@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from stages import prune
-from stages.common.encoder import TokenizedTexts, layer_shapes, load
-from stages.common.onnx_runtime import export_onnx
+from stages.model.encoder import TokenizedTexts, layer_shapes, load
 from stages.quantize import check_parity
+from stages.runner.errors import ParamError
+from stages.runtime.onnx import export_onnx
 from tests.stages.tiny import write_stage_inputs
 
 RECOVERY = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "max_length": 16}
@@ -28,7 +29,8 @@ def inputs(tmp_path_factory) -> Path:
 def run_prune(root: Path, out: str, **params) -> dict:
     section = {"optim": RECOVERY, "min_heads_per_layer": 1, "min_ffn_per_layer": 8, **params}
     params_file = root / f"{out}.yaml"
-    params_file.write_text(yaml.safe_dump({"prune": section, "train": {"alpha": 0.7, "temperature": 2.0}}))
+    shared = {"kd": {"alpha": 0.7, "temperature": 2.0}, "training": {"engine": "torch"}}
+    params_file.write_text(yaml.safe_dump({"prune": section, **shared}))
     d = root / "data"
     argv = ["--params", str(params_file), "--in", str(d / "05_train"), "--augment", str(d / "03_augment")]
     argv += ["--distill", str(d / "04_distill"), "--clean", str(d / "02_clean"), "--out", str(root / out)]
@@ -74,5 +76,26 @@ def test_choose_removed_keeps_the_per_layer_minimum():
 
 
 def test_bad_share_is_named():
-    with pytest.raises(ValueError, match=r"prune.heads must be a share in \[0, 1\)"):
+    with pytest.raises(ParamError, match=r"prune.heads must be a share in \[0, 1\)"):
         prune.PruneParams(heads=1.5)
+
+
+def test_prune_core_on_tiny_inputs(inputs):
+    """`prune(model, targets, p)` without params.yaml or folders: heads go, the report says which."""
+    import polars as pl
+
+    from stages.model.distillation import KdParams, soft_targets
+    from stages.model.training import OptimParams
+
+    d = inputs / "data"
+    student, tok, labels = load(d / "05_train/student")
+    train = pl.read_parquet(d / "03_augment/train.parquet").sort("id")
+    soft = pl.read_parquet(d / "04_distill/soft_labels.parquet")
+    val = pl.read_parquet(d / "02_clean/val.parquet")
+    targets = soft_targets(tok, train, soft, labels, 16)
+    p = prune.PruneParams(heads=0.5, ffn=0.25, min_heads_per_layer=1, min_ffn_per_layer=8,
+                          optim=OptimParams(epochs=1, batch_size=8, max_length=16))  # fmt: skip
+    report, timings = prune.prune(student, tok, targets, val, labels, p, KdParams(), ("torch", "test", 0))
+    assert sum(s["heads"] for s in layer_shapes(student)) == 4
+    assert sum(len(h) for h in report["removed"]["heads"].values()) == 4
+    assert report["recovery"]["engine"]["chosen_by"] == "test" and timings["recovery"]["seconds"] >= 0

@@ -11,9 +11,9 @@ import yaml
 from onnx import numpy_helper
 
 from stages import quantize
-from stages.common.encoder import TokenizedTexts, load
-from stages.common.errors import StageError
-from stages.common.onnx_runtime import export_onnx
+from stages.model.encoder import TokenizedTexts, load
+from stages.runner.errors import StageError
+from stages.runtime.onnx import export_onnx
 from tests.stages.tiny import write_stage_inputs
 
 
@@ -27,9 +27,9 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def run_quantize(root: Path, out: str, code: int = 0, **params) -> dict | None:
-    section = {"latency_runs": 20, "calibration_rows": 8, "max_length": 16, **params}
+    section = {"latency_runs": 20, "calibration_rows": 8, **params}
     params_file = root / f"{out}.yaml"
-    params_file.write_text(yaml.safe_dump({"quantize": section}))
+    params_file.write_text(yaml.safe_dump({"quantize": section, "runtime": {"max_length": 16}}))
     d = root / "data"
     argv = ["--params", str(params_file), "--in", str(d / "06_prune"), "--augment", str(d / "03_augment")]
     argv += ["--clean", str(d / "02_clean"), "--out", str(root / out)]
@@ -126,3 +126,20 @@ def test_qat_adds_a_variant(inputs):
     assert set(metrics["frontier"]) == {"fp32", "dynamic", "qat"}
     assert metrics["qat"]["best_epoch"] == 1
     assert (inputs / "qat/variants/qat.onnx").is_file()
+
+
+def test_quantize_core_in_memory(inputs):
+    """The pure core on a tiny model and frame: serialized models out, a typed report, no paths."""
+    import polars as pl
+
+    from stages.records import QuantizeReport
+    from stages.runtime.settings import RuntimeParams
+
+    model, tok, labels = load(inputs / "data/05_train/student")
+    val = pl.read_parquet(inputs / "data/02_clean/val.parquet")
+    p = quantize.QuantizeParams(variants=("dynamic",), latency_runs=10, rounds=2, calibration_rows=8)
+    q = quantize.quantize(model, tok, val, None, labels, p, RuntimeParams(max_length=16))
+    assert q.report.chosen == "dynamic" and q.chosen == q.variants["dynamic"]
+    assert q.fp32[:4] != q.chosen[:4] or len(q.fp32) != len(q.chosen)
+    assert QuantizeReport.from_dict(q.report.to_dict()) == q.report
+    assert set(q.report.frontier) == {"fp32", "dynamic"} and "fastest" in q.timings

@@ -1,4 +1,5 @@
-"""distill and train on a tiny teacher built here (no download): learning, determinism, NaN stop, vocab."""
+"""train (and the distillation library under it) on a tiny teacher built here (no download): learning,
+determinism, NaN stop, vocabulary trimming, engines."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ import polars as pl
 import pytest
 import torch
 
-from stages.common.encoder import flops_per_token, load, save
-from stages.common.errors import StageError
-from stages.common.training import OptimParams, resolve_engine
-from stages.distill import finetune, soft_labels
-from stages.train import TrainParams, build_student, distill_student, kd_loss, trim_vocabulary
+from stages.distill import soft_labels
+from stages.model.distillation import KdParams, distill_student, kd_loss, soft_targets
+from stages.model.encoder import flops_per_token, load, save
+from stages.model.training import OptimParams, TrainingParams, finetune
+from stages.runner.errors import ParamError, StageError
+from stages.train import TrainParams, build_student, trim_vocabulary
 from tests.stages.tiny import LABELS, dataset, tiny_teacher
 
 OPTIM = OptimParams(epochs=8, lr=3e-3, batch_size=8, patience=8, max_length=16, warmup_ratio=0.1)
+
+
+def distill(student, tok, train, soft, val, p: TrainParams, kd: KdParams | None = None, engine=("torch", 0)):
+    kd = kd or KdParams()
+    targets = soft_targets(tok, train, soft, LABELS, p.optim.max_length)
+    return distill_student(student, tok, targets, val, LABELS, kd, p.optim, engine)
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +35,20 @@ def fitted_teacher():
     return teacher, tok, train, val
 
 
-def test_teacher_learns_and_writes_soft_labels(fitted_teacher):
-    teacher, tok, train, val = fitted_teacher
-    soft = soft_labels(teacher, tok, train, 16)
-    assert soft.columns == ["id", "logits", "embedding"] and soft.height == train.height
-    pred = np.array(soft["logits"].to_list()).argmax(1)
-    assert (pred == np.array([LABELS[x] for x in train["label"]])).mean() > 0.8
-
-
 def test_student_learns_from_soft_labels(fitted_teacher):
     teacher, tok, train, val = fitted_teacher
     soft = soft_labels(teacher, tok, train, 16)
-    p = TrainParams(layers=1, hidden=32, heads=2, ffn=64, init="scratch", optim=OPTIM, hidden_weight=0.5)
+    p = TrainParams(layers=1, hidden=32, heads=2, ffn=64, init="scratch", optim=OPTIM)
     kept, small_tok = trim_vocabulary(tok, train["text"].to_list())
     student = build_student(teacher, kept, p)
-    summary = distill_student(student, small_tok, train, soft, val, LABELS, p)
-    losses = [c["loss"] for c in summary["curves"]]
+    result = distill(student, small_tok, train, soft, val, p, KdParams(hidden_weight=0.5))
+    losses = [c["loss"] for c in result.curves]
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
-    assert summary["val_accuracy"] > 1 / len(LABELS) + 0.2
+    assert result.best_val_accuracy > 1 / len(LABELS) + 0.2
     assert flops_per_token(student, 32) < flops_per_token(teacher, 32)
 
 
-def one_layer(zero_stage: int = 0, **optim) -> TrainParams:
+def one_layer(**optim) -> TrainParams:
     """A 1-layer student cut from the tiny teacher's last layer, 2 epochs."""
     return TrainParams(
         layers=1,
@@ -57,7 +57,6 @@ def one_layer(zero_stage: int = 0, **optim) -> TrainParams:
         ffn=64,
         init="teacher",
         teacher_layers=[1],
-        zero_stage=zero_stage,
         optim=OptimParams(epochs=2, lr=1e-3, batch_size=8, max_length=16, **optim),
     )
 
@@ -70,7 +69,7 @@ def test_same_seed_same_safetensors(tmp_path, fitted_teacher):
     for run in ("a", "b"):
         kept, small_tok = trim_vocabulary(tok, train["text"].to_list())
         student = build_student(teacher, kept, p)
-        distill_student(student, small_tok, train, soft, val, LABELS, p)
+        distill(student, small_tok, train, soft, val, p)
         save(student, small_tok, LABELS, tmp_path / run)
         digests.append((tmp_path / run / "model.safetensors").read_bytes())
     assert digests[0] == digests[1]
@@ -93,7 +92,7 @@ def test_nan_loss_stops_naming_the_step(fitted_teacher):
     )
     student = build_student(teacher, None, p)
     with pytest.raises(StageError, match=r"loss is nan at step \d+ \(epoch 1, batch \d+\); stopped, no model written"):
-        distill_student(student, tok, train, poisoned, val, LABELS, p)
+        distill(student, tok, train, poisoned, val, p)
 
 
 def test_trimmed_vocabulary_still_tokenizes_unseen_words(fitted_teacher):
@@ -117,10 +116,12 @@ def test_kd_loss_is_the_formula():
 
 
 def test_bad_params_are_named():
-    with pytest.raises(ValueError, match="train.teacher_layers names 1 layers but train.layers is 2"):
+    with pytest.raises(ParamError, match="train.teacher_layers names 1 layers but train.layers is 2"):
         TrainParams(layers=2, teacher_layers=[0])
-    with pytest.raises(ValueError, match="train.hidden"):
+    with pytest.raises(ParamError, match="train.hidden"):
         TrainParams(hidden=100, heads=12)
+    with pytest.raises(ParamError, match=r"kd.alpha must be in \[0, 1\]"):
+        KdParams(alpha=1.5)
     teacher, _ = tiny_teacher()
     with pytest.raises(StageError, match="train.init: teacher needs hidden/heads/ffn"):
         build_student(teacher, None, TrainParams(layers=1, hidden=64, heads=2, ffn=64))
@@ -139,19 +140,22 @@ def test_teacher_folder_round_trip(tmp_path):
 
 
 def test_engine_choice():
-    assert resolve_engine("torch")[0] == "torch"
+    assert TrainingParams(engine="torch").resolve() == ("torch", "training.engine: torch")
     if not torch.cuda.is_available():
-        assert resolve_engine("auto") == ("torch", "auto: no CUDA and no deepspeed launcher")
-    with pytest.raises(StageError, match="train.engine must be one of"):
-        resolve_engine("jax")
+        assert TrainingParams().resolve() == ("torch", "auto: no CUDA and no deepspeed launcher")
+    with pytest.raises(ParamError, match="training.engine must be one of"):
+        TrainingParams(engine="jax")
+    with pytest.raises(ParamError, match="training.zero_stage must be 0, 1, 2 or 3"):
+        TrainingParams(zero_stage=4)
 
 
-def _curves(fitted_teacher, engine, **optim):
+def _curves(fitted_teacher, engine, zero_stage=0, **optim):
     teacher, tok, train, val = fitted_teacher
     soft = soft_labels(teacher, tok, train, 16)
     p = one_layer(**optim)
     student = build_student(teacher, None, p)
-    return student, distill_student(student, tok, train, soft, val, LABELS, p, engine)
+    result = distill(student, tok, train, soft, val, p, engine=(engine, zero_stage))
+    return student, {"curves": result.curves, "engine": result.engine}
 
 
 @pytest.mark.slow
@@ -201,7 +205,7 @@ def test_ranks_run_the_same_number_of_steps(fitted_teacher, monkeypatch):
 
 
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
-    from stages.common.cli import stage_args
+    from stages.runner.cli import stage_args
 
     args = stage_args("train", "doc", ["--local_rank=1", "--out", "x"], upstream=None)
     assert str(args.out) == "x"

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages.common.encoder import TextClassifier
+from stages.model.encoder import TextClassifier
 from tests.conftest import frame
 
 WORDS = [
@@ -98,9 +98,9 @@ def write_stage_inputs(root: Path, heads: int = 4) -> None:
     soft labels, and train's student (a tiny model fine-tuned here for a few seconds)."""
     import json
 
-    from stages.common.encoder import save
-    from stages.common.training import OptimParams
-    from stages.distill import finetune, soft_labels
+    from stages.distill import soft_labels
+    from stages.model.encoder import save
+    from stages.model.training import OptimParams, finetune
 
     data = root / "data"
     for sub in ("02_clean", "03_augment", "04_distill", "05_train"):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.common.errors import StageError
+from stages.runner.errors import StageError
 
 DEFAULT_TEACHER = "all-MiniLM-L6-v2"
 
@@ -161,6 +161,9 @@ def shrink_layer(layer: nn.Module, heads: list[int], neurons: list[int]) -> None
     keep = torch.tensor(sorted(neurons), dtype=torch.long)
     layer.intermediate.dense = _keep(layer.intermediate.dense, keep, 0)
     layer.output.dense = _keep(layer.output.dense, keep, 1)
+
+
+FLOPS_SEQ_LEN = 32  # sequence length at which FLOPs per token are reported (intents are ~10-30 tokens)
 
 
 def flops_per_token(model: TextClassifier, seq_len: int) -> int:

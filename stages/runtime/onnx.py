@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.encoder import TextClassifier, TokenizedTexts
-from stages.common.errors import StageError
-from stages.common.timing import percentiles, side_by_side
+from stages.model.encoder import TextClassifier, TokenizedTexts
+from stages.runner.errors import StageError
+from stages.runtime.timing import percentiles, side_by_side
 
 INPUTS = ("input_ids", "attention_mask")
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it fuses on CPU: see the module docstring

@@ -101,3 +101,22 @@ def outputs() -> Iterator[Outputs]:
         out.discard()
         raise
     out.commit()
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder bottom-up (so a rename of `folder` after this
+    publishes complete bytes even across a power loss)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in [*sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True), folder]:
+        fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

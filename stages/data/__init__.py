@@ -1,0 +1,1 @@
+"""Data rules: the dataset schema, text normalization, near-duplicates, validation, synonyms."""

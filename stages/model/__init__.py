@@ -1,0 +1,1 @@
+"""The model and its training: the encoder classifier, the training loop, distillation, evaluation."""

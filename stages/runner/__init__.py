@@ -1,0 +1,1 @@
+"""How a stage runs: its command line, its params, its errors, and its OpenLineage run events."""

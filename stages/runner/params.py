@@ -1,0 +1,63 @@
+"""Read a section of params.yaml into its frozen, self-validating dataclass.
+
+Every params read in stages/ goes through `read_params(cls, "section", file)`: tests/test_contract.py finds
+these calls and holds each stage's `params:` in dvc.yaml to exactly the sections its module reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from stages.runner.errors import ParamError
+
+T = TypeVar("T")
+
+
+def load_section(section: str, path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Return `params.yaml[section]`, or raise a ParamError naming the file and section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: params file not found")
+    with path.open(encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    if not isinstance(doc, dict) or section not in doc:
+        raise ParamError(f"{path}: no section '{section}'")
+    value = doc[section]
+    if not isinstance(value, dict):
+        raise ParamError(f"{path}: section '{section}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def from_dict(cls: type[T], values: dict[str, Any], section: str) -> T:
+    """Build a params dataclass from a mapping; unknown or missing keys are named in the error, and an
+    error the class raises about one of its keys is prefixed with the section (`train.optim.lr ...`)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ParamError(f"params.yaml: unknown key(s) in '{section}': {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except ParamError as exc:
+        message = str(exc)
+        if message.split(".")[0].split(" ")[0] in names:  # "lr must be > 0" -> "train.optim.lr must be > 0"
+            raise ParamError(f"{section}.{message}") from exc
+        raise
+    except TypeError as exc:
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [n for n in required if n not in values]
+        if missing:
+            raise ParamError(f"params.yaml: missing key(s) in '{section}': {', '.join(missing)}") from exc
+        raise
+
+
+def read_params(cls: type[T], section: str, params_file: str | Path) -> T:
+    """`params.yaml[section]` as its validated dataclass (the one way stages read params)."""
+    return from_dict(cls, load_section(section, params_file), section)

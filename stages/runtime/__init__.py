@@ -1,0 +1,1 @@
+"""Inference runtimes: ONNX Runtime sessions and graphs, TensorRT, and latency measurement."""

@@ -1,0 +1,1 @@
+"""How bytes are written and named: atomic outputs and content hashes."""
