@@ -407,13 +407,12 @@ def baselines(inputs: Inputs, train: pl.DataFrame, labels: dict[str, int], p: Be
 
 def engine_variant(name: str, engine: Any, inputs: Inputs, tokenizer: Any, rt: RuntimeParams, pruned: Any) -> Variant:
     """The variant of one built engine of build's manifest."""
-    kw = {"precision": engine.precision, "flops_model": pruned}
+    path, kw = engine.model_path(inputs.build, inputs.quantize), {"precision": engine.precision, "flops_model": pruned}
     if engine.backend == "tensorrt":
-        return TrtVariant(name, inputs.build / engine.file, tokenizer, rt, engine.precision, pruned)
+        return TrtVariant(name, path, tokenizer, rt, engine.precision, pruned)
     if engine.device == "cpu":
-        return OrtVariant(name, inputs.build / engine.file, tokenizer, rt, **kw)
-    src = inputs.build / engine.source if engine.source.startswith("engines/") else inputs.quantize / engine.source
-    return OrtVariant(name, src, tokenizer, rt, providers=[engine.providers[0], "CPUExecutionProvider"], **kw)
+        return OrtVariant(name, path, tokenizer, rt, **kw)
+    return OrtVariant(name, path, tokenizer, rt, providers=[engine.providers[0], "CPUExecutionProvider"], **kw)
 
 
 def publishable_variants(inputs: Inputs, rt: RuntimeParams) -> tuple[list[Variant], dict[str, str]]:

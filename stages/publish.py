@@ -257,8 +257,8 @@ class Card:
     version: str
     registry: str
     candidate: str
-    rows: dict[str, dict[str, Any]]  # benchmark's results and timings per variant
     results: BenchmarkResults
+    timings: BenchmarkTimings
     labels: dict[str, int]
     ingest: dict[str, Any]
     gates: dict[str, dict[str, Any]]
@@ -268,23 +268,24 @@ class Card:
     content_digest: str
 
     @property
-    def row(self) -> dict[str, Any]:
-        return self.rows[self.candidate]
+    def result(self) -> VariantResult:
+        return self.results.variants[self.candidate]
 
 
-def metrics_table(rows: dict[str, dict[str, Any]], candidate: str) -> str:
-    order = [candidate] + [n for n in ("teacher_fp32", "teacher_int8", "tfidf_logreg") if n in rows]
+def metrics_table(results: BenchmarkResults, timings: BenchmarkTimings, candidate: str) -> str:
+    """The published variant against the baselines: accuracy, worst label, size and latency."""
+    order = [candidate] + [n for n in ("teacher_fp32", "teacher_int8", "tfidf_logreg") if n in results.variants]
     lines = [
         "| variant | accuracy | macro-F1 | worst label F1 | size MB | end-to-end p50 / p95 ms | model p50 ms |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in order:
-        r = rows[n]
-        e, m = r["latency_ms"]["end_to_end"], r["latency_ms"]["model"]
-        w = r["worst_label_f1"]
+        r, t = results.variants[n], timings.variants[n].latency_ms
+        w = r.worst_label_f1
         lines.append(
-            f"| {n}{' (published)' if n == candidate else ''} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
-            f"{w['f1']:.3f} ({w['label']}) | {r['size_mb']:.2f} | {e['p50']:.3f} / {e['p95']:.3f} | {m['p50']:.3f} |"
+            f"| {n}{' (published)' if n == candidate else ''} | {r.accuracy:.4f} | {r.macro_f1:.4f} | "
+            f"{w['f1']:.3f} ({w['label']}) | {r.size_mb:.2f} | {t.end_to_end.p50:.3f} / {t.end_to_end.p95:.3f} | "
+            f"{t.model.p50:.3f} |"
         )
     return "\n".join(lines)
 
@@ -325,7 +326,7 @@ def _card_head(c: Card) -> list[str]:
         f"# {c.model} {c.version}",
         "",
         f"A text classifier for {len(labels)} intents, published by distillery from variant `{c.candidate}` "
-        f"({c.row.get('precision', 'fp32')}, {c.runtime.backend} on {c.runtime.device}). "
+        f"({c.result.precision}, {c.runtime.backend} on {c.runtime.device}). "
         f"Content digest `{c.content_digest}`.",
         "",
         "## Intended use",
@@ -364,7 +365,7 @@ def _card_metrics(c: Card) -> list[str]:
     return [
         f"## Metrics ({c.results.test_rows} test rows, batch 1, {c.results.threads} CPU threads, {cpu})",
         "",
-        metrics_table(c.rows, c.candidate),
+        metrics_table(c.results, c.timings, c.candidate),
         "",
         "Latencies and sizes come from the same benchmark run; latencies are timings on the machine above "
         "and vary between runs and machines. The full table with every variant is `data/09_benchmark/report.md` "
@@ -387,10 +388,10 @@ def _card_tail(c: Card) -> list[str]:
         "## Limitations",
         "",
         f"- Inputs longer than {c.results.max_length} tokens are truncated.",
-        f"- Weakest label: `{c.row['worst_label_f1']['label']}` (F1 {c.row['worst_label_f1']['f1']:.3f}); "
+        f"- Weakest label: `{c.result.worst_label_f1['label']}` (F1 {c.result.worst_label_f1['f1']:.3f}); "
         "confusions concentrate there.",
         "- Trained on one dataset; accuracy on other domains, languages or phrasing is not measured.",
-        *(int8 if c.row.get("precision") == "int8" else []),
+        *(int8 if c.result.precision == "int8" else []),
         "",
         "## How to load it",
         "",
@@ -542,7 +543,7 @@ def publish(root: Path, r: Release, p: PublishParams) -> tuple[str, Path, bool]:
             return version, model_dir / version, False
         lineage = lineage_record(root, r, p, version, payload)
         labels = json.loads(r.labels_file.read_text(encoding="utf-8"))
-        card = Card(p.model, version, p.registry, r.decision.candidate, r.rows, r.results, labels, r.ingest,
+        card = Card(p.model, version, p.registry, r.decision.candidate, r.results, r.timings, labels, r.ingest,
                     r.decision.gates, r.fingerprint, r.runtime, lineage.git, lineage.content_digest)  # fmt: skip
         draft.add("lineage.json", record_text(lineage))
         draft.add("model_card.md", model_card(card))

@@ -148,6 +148,15 @@ class Engine(Record):
     def built(self) -> bool:
         return self.status == "built"
 
+    def model_path(self, build: Path, quantize: Path) -> Path:
+        """The file a session loads: the engine file in build's folder, or for a GPU provider engine its
+        `source` (in build's `engines/`, or one of quantize's files)."""
+        if self.file and not self.file.endswith("/"):
+            return build / self.file
+        if not self.source:
+            raise StageError(f"engine {self.backend}/{self.precision}: neither a file nor a source")
+        return build / self.source if self.source.startswith("engines/") else quantize / self.source
+
 
 @dataclasses.dataclass(frozen=True)
 class BuildManifest(Record):

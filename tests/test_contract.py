@@ -71,6 +71,11 @@ def test_every_stage_has_module_params_section_and_command():
         assert stage["cmd"].startswith(f"python -m stages.{name} "), f"stage {name}: cmd must run stages.{name}"
 
 
+def test_every_stage_has_its_test_module():
+    missing = [n for n in dvc_stages() if not (ROOT / "tests" / "stages" / f"test_{n}.py").is_file()]
+    assert not missing, f"no tests/stages/test_<stage>.py for {missing}"
+
+
 def test_stage_outputs_live_in_their_numbered_folder():
     # 00 is the machine fingerprint (not a step of the data chain), then 01_ingest ... 10_publish.
     assert next(iter(dvc_stages())) == "fingerprint"

@@ -19,7 +19,7 @@ import yaml
 
 from flows.lineage import main as lineage_main
 from flows.pipeline import publish_markdown
-from stages.publish import Gates, PublishParams, choose_candidate, decide
+from stages.publish import Card, Gates, PublishParams, choose_candidate, decide, model_card, runtime_record
 from stages.records import BenchmarkResults, BenchmarkTimings, Latency, Percentiles, VariantResult, VariantTiming
 from stages.registry import Draft, RegistryError, check_version, read_sums, resolve
 from stages.runner.errors import ParamError, StageError
@@ -128,6 +128,25 @@ def test_no_passing_variant_fails_naming_each_gate_and_the_margin_follows_the_no
     without_teacher = BenchmarkResults({"a": results.variants["a"]}, ["a"], {}, 48, 2, 64)
     with pytest.raises(StageError, match="teacher_fp32"):
         decide(without_teacher, timings, PublishParams())
+
+
+def test_model_card_and_runtime_record_from_records_alone():
+    results, timings = bench(teacher_fp32=(0.95, 10.0, 90.0, False), a=(0.90, 1.0, 3.0, True))
+    options = {"intra_op_num_threads": 2, "disabled_optimizers": ["SkipLayerNormFusion"]}
+    runtime = runtime_record(None, options, "a")
+    assert (runtime.file, runtime.providers, runtime.session_options) == (
+        "model.onnx",
+        ["CPUExecutionProvider"],
+        options,
+    )
+    gates = {"min_accuracy": {"limit": 0.8, "measured": 0.9, "passed": True}}
+    ingest = {"sources": [{"uri": "data/sample/train.csv", "role": "train", "rows": 10}], "rows": {"train": 10}}
+    git_state = {"commit": "abc", "modified": []}
+    card = model_card(Card("m", "1.0.0", "registry", "a", results, timings, {"x": 0, "y": 1}, ingest, gates,
+                           {"cpu": {"model": "Example CPU"}}, runtime, git_state, "d" * 64))  # fmt: skip
+    assert card.startswith("# m 1.0.0\n") and "| a (published) | 0.9000 |" in card
+    assert "| min_accuracy | 0.8 | 0.9 | pass |" in card and 'f"{folder}/model.onnx"' in card
+    assert "Labels: `x`, `y`." in card and "Example CPU" in card
 
 
 def test_a_draft_version_is_written_whole_or_not_at_all(tmp_path):
@@ -347,7 +366,7 @@ def test_every_stage_run_emitted_openlineage_events_versioned_by_dvc_hashes(proj
 def test_new_content_gets_a_new_version_an_existing_one_is_never_overwritten_and_tags(project):
     first = snapshot(project / "registry" / MODEL / "1.0.0")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    set_params(project, "quantize", per_channel=not params["quantize"]["per_channel"])
+    set_params(project, "runtime", per_channel=not params["runtime"]["per_channel"])
     # A size gate only INT8 files pass, so that the candidate is a file the quantize change rewrites.
     rows = json.loads((project / "data/09_benchmark/metrics.json").read_text())["variants"]
     int8 = max(r["size_mb"] for r in rows.values() if r["publishable"] and r["precision"] == "int8")
