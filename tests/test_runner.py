@@ -1,5 +1,5 @@
 """How a stage runs: a user-facing error is one line and exit 1; a bug keeps its traceback; params errors
-name the section and the key."""
+name the section and the key (a wrong type too), with a "did you mean" for an unknown key."""
 
 from __future__ import annotations
 
@@ -42,10 +42,30 @@ class Inner:
 def test_params_errors_name_the_section_and_key(tmp_path):
     with pytest.raises(ParamError, match=r"train.optim.lr must be > 0, got -1"):
         from_dict(Inner, {"lr": -1}, "train.optim")
-    with pytest.raises(ParamError, match=r"unknown key\(s\) in 'train.optim': rate"):
-        from_dict(Inner, {"rate": 1}, "train.optim")
+    with pytest.raises(ParamError, match=r"unknown key\(s\) in 'train.optim': lrr \(did you mean lr\?\), zzz$"):
+        from_dict(Inner, {"lrr": 1, "zzz": 2}, "train.optim")
+    with pytest.raises(ParamError, match=r"train.optim.lr must be a number, got 'high'"):
+        from_dict(Inner, {"lr": "high"}, "train.optim")
     params = tmp_path / "params.yaml"
     params.write_text("other: {}\n")
     with pytest.raises(ParamError, match="no section 'kd'"):
         read_params(Inner, "kd", params)
     assert isinstance(ParamError("x"), StageError) and isinstance(ParamError("x"), ValueError)
+
+
+def test_every_stage_names_a_wrong_type_by_section_and_key():
+    """Each stage's params class, given a word where a number, flag or name goes."""
+    from stages.clean import CleanParams
+    from stages.model.training import OptimParams
+    from stages.publish import PublishParams
+    from stages.runtime.settings import RuntimeParams
+
+    with pytest.raises(ParamError, match=r"clean.near_dup_threshold must be a number, got 'high'"):
+        from_dict(CleanParams, {"near_dup_threshold": "high"}, "clean")
+    with pytest.raises(ParamError, match=r"train.optim.epochs must be an integer, got 2.5"):
+        from_dict(OptimParams, {"epochs": 2.5}, "train.optim")
+    with pytest.raises(ParamError, match=r"publish.tag must be true or false, got 'yes'"):
+        from_dict(PublishParams, {"tag": "yes"}, "publish")
+    with pytest.raises(ParamError, match=r"runtime.threads must be an integer, got True"):
+        from_dict(RuntimeParams, {"threads": True}, "runtime")
+    assert from_dict(PublishParams, {"latency_margin": 0}, "publish").latency_margin == 0  # an int is a number

@@ -7,6 +7,9 @@ these calls and holds each stage's `params:` in dvc.yaml to exactly the sections
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +41,9 @@ def from_dict(cls: type[T], values: dict[str, Any], section: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ParamError(f"params.yaml: unknown key(s) in '{section}': {', '.join(unknown)}")
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k for k in unknown]
+        raise ParamError(f"params.yaml: unknown key(s) in '{section}': {', '.join(hints)}")
+    check_types(cls, values, section)
     try:
         return cls(**values)
     except ParamError as exc:
@@ -56,6 +61,35 @@ def from_dict(cls: type[T], values: dict[str, Any], section: str) -> T:
         if missing:
             raise ParamError(f"params.yaml: missing key(s) in '{section}': {', '.join(missing)}") from exc
         raise
+
+
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _plain_kind(hint: Any) -> type | None:
+    """bool, int, float or str when `hint` is one of them (or it or None); else None (not checked here)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    return hint if hint in KINDS else None
+
+
+def check_types(cls: type, values: dict[str, Any], section: str) -> None:
+    """A value of the wrong plain type (a word where a number goes) is named `section.key` before the class
+    compares it with anything; null passes where the field allows it."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return
+    for name, value in values.items():
+        kind = _plain_kind(hints.get(name))
+        if kind is None or (value is None and kind is not hints.get(name)):
+            continue
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ParamError(f"{section}.{name} must be {KINDS[kind]}, got {value!r}")
 
 
 def read_params(cls: type[T], section: str, params_file: str | Path) -> T:
