@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
-from flows.dag import GraphError, inspect_pipeline, plan
+# The embedded Prefect server's first start on a fresh machine (database migrations) takes longer than
+# Prefect's default wait: the project sets the wait, not each user. Set before Prefect reads its settings;
+# a value in the environment wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.logging import get_run_logger  # noqa: E402
+
+from flows.dag import GraphError, inspect_pipeline, plan  # noqa: E402
 
 ARTIFACT_KEY = "distillery-pipeline"
 PUBLISH_ARTIFACT_KEY = "distillery-publish"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -35,6 +39,18 @@ def test_plan_runs_changed_stages_and_everything_downstream():
     assert plan(GRAPH, {"ingest"}, target="clean") == ["ingest", "clean"]
     with pytest.raises(GraphError, match="unknown stage 'nope'"):
         plan(GRAPH, set(), target="nope")
+
+
+def test_the_flow_waits_long_enough_for_a_cold_embedded_server():
+    """A first run on a fresh machine used to time out starting Prefect's embedded server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    code = (
+        "import flows.pipeline\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) >= 120
 
 
 def test_graph_is_read_from_dvc_yaml():
