@@ -62,7 +62,7 @@ def _nvidia_smi(query: str) -> list[str]:
         return []
     try:
         out = subprocess.run(
-            [exe, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30
         )
     except (OSError, subprocess.TimeoutExpired):
         return []
@@ -71,46 +71,70 @@ def _nvidia_smi(query: str) -> list[str]:
 
 def gpu_info() -> dict[str, Any]:
     """Each visible CUDA device (name, compute capability, memory in GiB) and the driver, CUDA and cuDNN
-    versions; `devices` is empty on a machine without a usable GPU."""
+    versions; `devices` is empty on a machine without a usable GPU.
+
+    The devices come from `nvidia-smi`, so a machine without one answers at once: torch (seconds to import)
+    is imported only where a GPU exists, for the CUDA and cuDNN versions it was built with, and for the
+    device list when the driver's `nvidia-smi` is too old to report compute capability."""
+    devices = []
+    for line in _nvidia_smi("name,compute_cap,memory.total"):
+        name, cap, mib = (part.strip() for part in line.rsplit(",", 2))
+        if not cap.replace(".", "").isdigit():
+            devices = _torch_devices()
+            break
+        devices.append({"name": name, "compute_capability": cap, "memory_gib": round(float(mib) / 1024)})
+    drivers = sorted(set(_nvidia_smi("driver_version")))
+    cuda = cudnn = None
+    if devices:
+        try:
+            import torch
+
+            cuda = torch.version.cuda
+            cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        except ImportError:
+            pass
+    return {"devices": devices, "driver": drivers[0] if drivers else None, "cuda": cuda, "cudnn": cudnn}
+
+
+def _torch_devices() -> list[dict[str, Any]]:
     import torch
 
     devices = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            devices.append(
-                {
-                    "name": props.name,
-                    "compute_capability": f"{props.major}.{props.minor}",
-                    "memory_gib": round(props.total_memory / 2**30),
-                }
-            )
-    drivers = sorted(set(_nvidia_smi("driver_version")))
-    cudnn = torch.backends.cudnn.version() if devices and torch.backends.cudnn.is_available() else None
-    return {
-        "devices": devices,
-        "driver": drivers[0] if drivers else None,
-        "cuda": torch.version.cuda if devices else None,
-        "cudnn": cudnn,
-    }
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        devices.append(
+            {
+                "name": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30),
+            }
+        )
+    return devices
+
+
+def _installed(*distributions: str) -> str | None:
+    """The version of the first of `distributions` installed (package metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in distributions:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def software_info() -> dict[str, Any]:
+    """Versions from package metadata; ONNX Runtime's execution providers from ONNX Runtime itself (a
+    fraction of a second to import, unlike torch)."""
     import onnxruntime
-    import torch
 
-    try:
-        import tensorrt
-
-        trt_version: str | None = tensorrt.__version__
-    except ImportError:
-        trt_version = None
     return {
         "python": ".".join(platform.python_version_tuple()[:2]),
-        "torch": torch.__version__,
+        "torch": _installed("torch"),
         "onnxruntime": onnxruntime.__version__,
         "onnxruntime_providers": sorted(onnxruntime.get_available_providers()),
-        "tensorrt": trt_version,
+        "tensorrt": _installed("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs"),
     }
 
 

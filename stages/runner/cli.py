@@ -7,11 +7,13 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from stages.runner.errors import StageError
 from stages.runner.openlineage import stage_run
+
+if TYPE_CHECKING:  # polars is imported where frames are read: `fingerprint` (run every time) never pays for it
+    import polars as pl
 
 Main = Callable[[list[str] | None], int]
 
@@ -35,6 +37,8 @@ def stage_args(
 
 def read_frames(folder: Path, names: tuple[str, ...], upstream: str) -> dict[str, pl.DataFrame]:
     """Read `<name>.parquet` for each name; a missing file names the stage that makes it."""
+    import polars as pl
+
     frames = {}
     for name in names:
         path = folder / f"{name}.parquet"

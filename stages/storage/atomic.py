@@ -12,9 +12,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:  # imported by `Outputs.parquet` only: stages that write no frame never pay for polars
+    import polars as pl
 
 
 def dumps_json(obj: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -59,3 +60,34 @@ def test_fingerprint_ignore_leaves_a_field_out_and_names_unknown_ones(tmp_path, 
     assert "torch" not in found["software"] and found["ignored"] == ["software.torch"]
     assert run_fingerprint(tmp_path / "u", ["software.tensorflow"]) == 1
     assert "fingerprint.ignore: unknown field 'software.tensorflow'" in capsys.readouterr().err
+
+
+def test_fingerprint_imports_no_torch_and_reads_versions_from_metadata(tmp_path):
+    """The stage runs on every `dvc repro`: it must not import the ML stack (seconds) to read versions."""
+    import importlib.metadata
+    import subprocess
+
+    code = (
+        "import sys; from stages.fingerprint import main; main(['--out', sys.argv[1]]); "
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', 'polars' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH False"
+    found = json.loads((tmp_path / "fingerprint.json").read_text())
+    assert found["software"]["torch"] == importlib.metadata.version("torch")
+
+
+def test_gpu_devices_come_from_nvidia_smi(monkeypatch):
+    answers = {
+        "name,compute_cap,memory.total": ["NVIDIA H200, 9.0, 143771", "NVIDIA L4, 8.9, 23034"],
+        "driver_version": ["570.86.15", "570.86.15"],
+    }
+    monkeypatch.setattr(fingerprint, "_nvidia_smi", lambda query: answers[query])
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed: versions are left unknown
+    found = fingerprint.gpu_info()
+    assert found["devices"] == [
+        {"name": "NVIDIA H200", "compute_capability": "9.0", "memory_gib": 140},
+        {"name": "NVIDIA L4", "compute_capability": "8.9", "memory_gib": 22},
+    ]
+    assert found["driver"] == "570.86.15" and found["cuda"] is None
