@@ -71,8 +71,13 @@ def test_fingerprint_imports_no_torch_and_reads_versions_from_metadata(tmp_path)
         "import sys; from stages.fingerprint import main; main(['--out', sys.argv[1]]); "
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', 'polars' in sys.modules)"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH False"
     found = json.loads((tmp_path / "fingerprint.json").read_text())
     assert found["software"]["torch"] == importlib.metadata.version("torch")
