@@ -91,7 +91,8 @@ def onnx_row(path: Path, texts, test, labels, reference: np.ndarray | None = Non
     """Test accuracy and size of an ONNX model and its agreement with `reference`; and its session, for
     `measure`'s latencies."""
     from stages.model.evaluation import accuracy, macro_f1
-    from stages.runtime.onnx import ort_logits, session, size_mb
+    from stages.runtime.onnx import ort_logits, size_mb
+    from stages.runtime.sessions import session
 
     sess = session(path, threads=2)
     logits = ort_logits(sess, texts)

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.model.encoder import TokenizedTexts  # noqa: E402
-from stages.runtime.onnx import latency_side_by_side, session  # noqa: E402
+from stages.runtime.onnx import latency_side_by_side  # noqa: E402
+from stages.runtime.sessions import session  # noqa: E402
 from stages.runtime.timing import percentiles, side_by_side  # noqa: E402
 
 THREADS = (1, 2)

@@ -64,7 +64,8 @@ from stages.records import (
 from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError, StageError
 from stages.runner.params import read_params
-from stages.runtime.onnx import export_onnx, feeds, quantize_dynamic_int8, session
+from stages.runtime.onnx import export_onnx, feeds, quantize_dynamic_int8
+from stages.runtime.sessions import session
 from stages.runtime.settings import RuntimeParams
 from stages.runtime.tensorrt import TrtRunner
 from stages.runtime.timing import percentiles, relative_speed, side_by_side, timed_calls

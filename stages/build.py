@@ -46,17 +46,15 @@ from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError, StageError
 from stages.runner.params import read_params
 from stages.runtime.onnx import (
-    INPUTS,
     batched_logits,
     fuse_for_ort,
     latency_ms,
     latency_side_by_side,
     ort_logits,
     quantize_dynamic_int8,
-    session,
-    session_options_record,
     size_mb,
 )
+from stages.runtime.sessions import INPUTS, session, session_options_record
 from stages.runtime.settings import RuntimeParams
 from stages.runtime.tensorrt import TrtRunner, TrtSettings, gpu_name, gpu_unavailable, tensorrt_unavailable, trt_build
 from stages.storage.atomic import dumps_json, outputs

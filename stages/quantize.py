@@ -50,9 +50,9 @@ from stages.runtime.onnx import (
     ort_logits,
     quantize_dynamic_int8,
     save_portable,
-    session,
     size_mb,
 )
+from stages.runtime.sessions import session
 from stages.runtime.settings import RuntimeParams
 from stages.runtime.timing import percentiles, relative_speed
 from stages.storage.atomic import outputs

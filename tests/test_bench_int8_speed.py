@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.runtime.onnx import session
+from stages.runtime.sessions import session
 
 SPEC = importlib.util.spec_from_file_location("int8_speed", Path(__file__).resolve().parents[1] / "bench/int8_speed.py")
 int8_speed = importlib.util.module_from_spec(SPEC)

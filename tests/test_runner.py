@@ -69,3 +69,28 @@ def test_every_stage_names_a_wrong_type_by_section_and_key():
     with pytest.raises(ParamError, match=r"runtime.threads must be an integer, got True"):
         from_dict(RuntimeParams, {"threads": True}, "runtime")
     assert from_dict(PublishParams, {"latency_margin": 0}, "publish").latency_margin == 0  # an int is a number
+
+
+def test_progress_prints_lines_in_a_log_at_most_every_interval(monkeypatch):
+    import io
+
+    from stages.runner import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    log = io.StringIO()  # not a terminal: plain lines, no bar
+    with progress.Progress("train: student", total=100, every=10.0, stream=log) as bar:
+        for _ in range(100):
+            now[0] += 0.5  # 2 steps a second: 50 s in all
+            bar.advance(info="loss 0.5")
+        bar.note("train: epoch 1/1 val accuracy 0.9000")
+    lines = log.getvalue().splitlines()
+    # the first step, one line per 10 s (at 10.5, 21, 31.5, 42 s), the last step, the note
+    assert len(lines) == 7 and lines[-1] == "train: epoch 1/1 val accuracy 0.9000"
+    assert lines[0].startswith("train: student  step 1/100 (1%)  loss 0.5  elapsed 0:00")
+    assert "step 100/100 (100%)" in lines[-2] and "ETA 0:00" in lines[-2]
+    quiet = io.StringIO()
+    with progress.Progress("rank 1", total=3, enabled=False, stream=quiet) as bar:
+        bar.advance()
+        bar.note("nothing")
+    assert quiet.getvalue() == ""

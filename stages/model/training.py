@@ -2,8 +2,9 @@
 
 AdamW without weight decay on norms and biases, linear warm-up then cosine decay, gradient accumulation,
 gradient clipping, mixed precision (bf16 autocast on CPU, fp16 with loss scaling on CUDA), early stopping
-on validation accuracy, seeded data order, a progress bar with loss and throughput. A NaN or infinite
-loss stops the run, naming the step; the caller then writes no model.
+on validation accuracy, seeded data order. Progress (`stages.runner.progress`: a bar on a terminal, a line
+every few seconds in a log) shows step, loss and rows/s, and every epoch prints its validation accuracy.
+A NaN or infinite loss stops the run, naming the step; the caller then writes no model.
 
 Two engines run the same loop (same loss, same batches in the same order, same schedule): `torch`, a
 plain loop, and `deepspeed`, the DeepSpeed engine with ZeRO stage 0-3 (one process on CPU, or one per
@@ -27,6 +28,7 @@ from torch import nn
 from stages.model.encoder import TokenizedTexts
 from stages.model.evaluation import evaluate
 from stages.runner.errors import ParamError, StageError
+from stages.runner.progress import Progress
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("auto", "torch", "deepspeed")
@@ -378,6 +380,30 @@ class _Run:
     curves: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class _Best:
+    """The best epoch so far (by validation accuracy) and how many epochs have not beaten it."""
+
+    accuracy: float = -1.0
+    epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    stopped_early: bool = False
+
+    def update(self, run: _Run, epoch: int, acc: float) -> str:
+        """Take epoch `epoch`'s accuracy; returns the epoch's summary line."""
+        better = acc > self.accuracy
+        if better:
+            self.accuracy, self.epoch, self.state, self.stale = acc, epoch, run.runner.state(), 0
+        else:
+            self.stale += 1
+        best = " (best)" if better else f" (best {self.accuracy:.4f} at epoch {self.epoch})"
+        return (
+            f"{run.name}: epoch {epoch}/{run.p.epochs}  loss {run.curves[-1]['loss']:.4f}  val accuracy {acc:.4f}"
+            f"{best}  {time.perf_counter() - run.start:.0f} s"
+        )
+
+
 def _epoch(run: _Run, epoch: int, batches: list[np.ndarray], advance: Callable[[str], None]) -> None:
     """One epoch's optimizer steps over `batches` (this rank's share)."""
     p, world_size = run.p, world()[1]
@@ -427,8 +453,6 @@ def fit(
     `forward(**batch)` for the model; `lengths` (tokens per row) lets batches group rows of similar length;
     `val_accuracy(model)` runs after each epoch on the plain module; `on_step(model, step, total)` after each
     optimizer step (e.g. to apply pruning masks; torch engine only, DeepSpeed keeps its own weight copies)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     device = device or default_device()
     mode = make_deterministic(p.seed, p.deterministic)
     rng = np.random.default_rng(p.seed)
@@ -446,27 +470,25 @@ def fit(
         else TorchEngine(model, p, schedule, device)
     )
     run = _Run(runner, step_loss, device, p, name, total, on_step, start=time.perf_counter())
-    best_acc, best_epoch, best_state, stale, stopped_early = -1.0, 0, None, 0, False
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=rank != 0) as bar:
-        task = bar.add_task(name, total=total, info="")
+    best = _Best()
+    with Progress(name, total=total, enabled=rank == 0) as bar:
         for epoch in range(1, p.epochs + 1):
             runner.module.train()
             batches = epoch_batches(rng, n_rows, p.batch_size, lengths, p.length_window)[rank::world_size]
-            _epoch(run, epoch, batches[:micro_per_epoch], lambda info: bar.update(task, advance=1, info=info))
+            _epoch(run, epoch, batches[:micro_per_epoch], lambda info: bar.advance(info=info))
             acc = agree(val_accuracy(runner.module))
             run.curves[-1]["val_accuracy"] = round(acc, 6)
-            if acc > best_acc:
-                best_acc, best_epoch, best_state, stale = acc, epoch, runner.state(), 0
-            else:
-                stale += 1
-                if stale >= p.patience:
-                    stopped_early = epoch < p.epochs
-                    break
+            bar.note(best.update(run, epoch, acc))
+            if best.stale >= p.patience:
+                best.stopped_early = epoch < p.epochs
+                if best.stopped_early:
+                    bar.note(f"{name}: no better val accuracy for {best.stale} epochs: stopping early")
+                break
     seconds = time.perf_counter() - run.start
     runner.release()
     rate, engine_record = run.seen / max(1e-9, seconds), {**runner.describe(), **mode}
-    return FitResult(best_state, best_epoch, best_acc, run.curves, seconds, rate, stopped_early, engine_record)
+    return FitResult(best.state, best.epoch, best.accuracy, run.curves, seconds, rate, best.stopped_early,
+                     engine_record)  # fmt: skip
 
 
 def finetune(

@@ -25,10 +25,8 @@ import torch
 
 from stages.model.encoder import TextClassifier, TokenizedTexts
 from stages.runner.errors import StageError
+from stages.runtime.sessions import INPUTS
 from stages.runtime.timing import percentiles, side_by_side
-
-INPUTS = ("input_ids", "attention_mask")
-CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it fuses on CPU: see the module docstring
 
 
 class _Logits(torch.nn.Module):
@@ -217,41 +215,6 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
         model.save_model_to_file(str(prepared))  # adds the com.microsoft opset the fused nodes need
         save_portable(onnx.load(str(prepared)), dst)
     return stats
-
-
-def session_options_record(threads: int) -> dict[str, Any]:
-    """The CPU session options `session` uses, as saved next to built engines (load them the same way:
-    `disabled_optimizers` is an argument of `InferenceSession`, the rest are `SessionOptions` fields)."""
-    return {
-        "intra_op_num_threads": threads,
-        "inter_op_num_threads": 1,
-        "execution_mode": "ORT_SEQUENTIAL",
-        "graph_optimization_level": "ORT_ENABLE_ALL",
-        "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS),
-        "providers": ["CPUExecutionProvider"],
-    }
-
-
-def session(path: Path | str | bytes, threads: int = 2, providers: list[Any] | None = None) -> Any:
-    """An ONNX Runtime session (on a model file, or a serialized model) with the options of
-    `session_options_record(threads)` (CPU unless
-    `providers` says otherwise: callers check `get_providers()` for a silent fallback). The CPU-only
-    `disabled_optimizers` apply only when every provider is the CPU one."""
-    import onnxruntime as ort
-
-    record = session_options_record(threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = record["intra_op_num_threads"]
-    options.inter_op_num_threads = record["inter_op_num_threads"]
-    options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
-    options.log_severity_level = 3
-    providers = providers or record["providers"]
-    names = [p[0] if isinstance(p, tuple) else p for p in providers]
-    cpu_only = all(name == "CPUExecutionProvider" for name in names)
-    disabled = record["disabled_optimizers"] if cpu_only else []
-    model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=disabled)
 
 
 def feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

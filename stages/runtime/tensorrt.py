@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.runner.errors import StageError
-from stages.runtime.onnx import INPUTS
+from stages.runtime.sessions import INPUTS
 
 
 def gpu_unavailable() -> str | None:

@@ -1,0 +1,46 @@
+"""ONNX Runtime sessions as every stage and the server build them, without importing torch (a memory probe or a
+server loads only this). The options are recorded next to built engines (`session_options_record`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+INPUTS = ("input_ids", "attention_mask")
+# Slower than what it fuses on CPU with ONNX Runtime 1.31-1.32: see `stages.runtime.onnx`'s docstring.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def session_options_record(threads: int) -> dict[str, Any]:
+    """The CPU session options `session` uses, as saved next to built engines (load them the same way:
+    `disabled_optimizers` is an argument of `InferenceSession`, the rest are `SessionOptions` fields)."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "execution_mode": "ORT_SEQUENTIAL",
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS),
+        "providers": ["CPUExecutionProvider"],
+    }
+
+
+def session(path: Path | str | bytes, threads: int = 2, providers: list[Any] | None = None) -> Any:
+    """An ONNX Runtime session (on a model file, or a serialized model) with the options of
+    `session_options_record(threads)` (CPU unless
+    `providers` says otherwise: callers check `get_providers()` for a silent fallback). The CPU-only
+    `disabled_optimizers` apply only when every provider is the CPU one."""
+    import onnxruntime as ort
+
+    record = session_options_record(threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = record["intra_op_num_threads"]
+    options.inter_op_num_threads = record["inter_op_num_threads"]
+    options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
+    options.log_severity_level = 3
+    providers = providers or record["providers"]
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    cpu_only = all(name == "CPUExecutionProvider" for name in names)
+    disabled = record["disabled_optimizers"] if cpu_only else []
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=disabled)
