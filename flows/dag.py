@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -15,6 +15,7 @@ class StageGraph:
     order: tuple[str, ...]  # topological: every stage after all of its upstream stages
     upstream: dict[str, tuple[str, ...]]  # stage -> stages whose outputs it reads
     metrics: dict[str, tuple[str, ...]]  # stage -> its metrics files, relative to the repo root
+    outs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> every output, as metrics
 
     def scope(self, target: str | None) -> list[str]:
         """The stages a run up to `target` covers (all of them without a target), in order."""
@@ -65,6 +66,7 @@ def inspect_pipeline(root: str | Path = ".", with_status: bool = True) -> tuple[
             # DVC's edges point from a stage to the stage it depends on.
             upstream = {names[s]: tuple(sorted(names[d] for d in graph.successors(s) if d in names)) for s in stages}
             metrics = {names[s]: tuple(sorted(o.def_path for o in s.outs if o.metric)) for s in stages}
+            outs = {names[s]: tuple(sorted(o.def_path for o in s.outs)) for s in stages}
             changed: set[str] = set()
             if with_status:
                 with repo.lock:
@@ -78,7 +80,7 @@ def inspect_pipeline(root: str | Path = ".", with_status: bool = True) -> tuple[
         cycle = nx.find_cycle(dag)
         raise GraphError(f"dvc.yaml: cycle of {len(cycle)} edges among {len(upstream)} stages: {cycle}")
     order = tuple(nx.lexicographical_topological_sort(dag))
-    return StageGraph(order=order, upstream=upstream, metrics=metrics), changed
+    return StageGraph(order=order, upstream=upstream, metrics=metrics, outs=outs), changed
 
 
 def plan(graph: StageGraph, changed: set[str], force: bool = False, target: str | None = None) -> list[str]:

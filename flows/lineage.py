@@ -1,10 +1,16 @@
 """The lineage audit of a published model: `show` the chain back to the raw source, `verify` the bytes.
 
-    python -m flows.lineage show <model>[@<version>]
-    python -m flows.lineage verify <model>[@<version>] [--rebuild]
+    python -m flows.lineage show <model>[@<version> | #<stage>]
+    python -m flows.lineage verify <model>[@<version> | #<stage>] [--rebuild]
+    python -m flows.lineage assign <model>@<version> --stage production [--tag]
 
-Without `@<version>` the latest version in the registry is used. The registry is `publish.registry` of
-params.yaml (or `--registry`).
+Without `@<version>` the latest version in the registry is used; `#production` is the version assigned to
+that stage. The registry is `publish.registry` of params.yaml (or `--registry`).
+
+`assign` points a named stage (production, staging, ...) at a published version: the registry's
+`<model>/stages.json` records it with the history of earlier assignments, and `--tag` also writes GTO's
+annotated git tag `<model>#<stage>#<n>`, so `gto show` reads the same assignment. Serving and `show` read
+the stages file. Publishing never assigns a stage: promotion is a decision someone makes.
 
 `show` prints, from the published files back to the raw source, each stage on the way: its command, the
 params it tracks, each input with its hash and the stage that made it, and its outputs' hashes (all from
@@ -38,7 +44,7 @@ from typing import Any
 import yaml
 
 from flows.reproduce import ReproduceError, cache_dir, rebuild, table
-from stages.registry import SUMS, Lineage, RegistryError, read_lineage, read_sums, resolve
+from stages.registry import SUMS, Lineage, RegistryError, assign, read_lineage, read_sums, resolve, stages_of
 from stages.storage.hashing import md5_file, sha256_file
 
 
@@ -97,6 +103,8 @@ def show(folder: Path) -> str:
     lines = [
         f"{lineage.model}@{lineage.version}  {folder}",
         f"  variant {lineage.variant}, content sha256 {lineage.content_digest}",
+        f"  stages: {', '.join(stages_of(folder.parent, folder.name)) or 'none assigned'}"
+        + (f"; published by experiment {lineage.publish['experiment']}" if lineage.publish.get("experiment") else ""),
         f"  published from git {git.get('commit') or 'none'}"
         + (f" (uncommitted: {', '.join(git.get('modified') or [])})" if git.get("modified") else ""),
         f"  machine {machine.get('cpu', {}).get('model', '?')}, fingerprint {str(machine.get('digest', '?'))[:12]}",
@@ -246,16 +254,39 @@ def verify(root: Path, folder: Path) -> str:
     )
 
 
+def promote(root: Path, registry: Path, spec: str, stage: str | None, tag: bool) -> str:
+    """`assign`: point `stage` at the version `spec` names (`model@x.y.z`, explicit)."""
+    model, _, version = spec.partition("@")
+    if not stage or not version:
+        raise RegistryError("assign needs <model>@<version> and --stage NAME, e.g. model@2.0.0 --stage production")
+    folder = resolve(registry, spec)
+    number = assign(folder.parent, stage, folder.name)
+    line = f"assign: {model}#{stage} -> {folder.name} (assignment {number}; {folder.parent / 'stages.json'})"
+    if tag:
+        name = f"{model}#{stage}#{number}"
+        message = f"Assign {stage} to {model}@v{folder.name}"
+        proc = subprocess.run(["git", "tag", "-a", name, "-m", message], cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RegistryError(f"git tag {name}: {proc.stderr.strip() or proc.stdout.strip()}")
+        line += f"; git tag {name}"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.lineage", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("show", "verify"))
-    ap.add_argument("model", help="<model> or <model>@<version> (latest version without one)")
+    ap.add_argument("command", choices=("show", "verify", "assign"))
+    ap.add_argument("model", help="<model>, <model>@<version> or <model>#<stage> (latest version with neither)")
     ap.add_argument("--root", type=Path, default=Path("."), help="the repository (default: current folder)")
     ap.add_argument("--registry", help="the registry folder (default: publish.registry of params.yaml)")
     ap.add_argument("--rebuild", action="store_true", help="verify: also rebuild it from its commit and compare")
     ap.add_argument("--scratch", type=Path, help="--rebuild: where the scratch clone goes (default: beside --root)")
+    ap.add_argument("--stage", help="assign: the stage to point at the version (production, staging, ...)")
+    ap.add_argument("--tag", action="store_true", help="assign: also the git tag <model>#<stage>#<n> (GTO)")
     args = ap.parse_args(argv)
     try:
+        if args.command == "assign":
+            print(promote(args.root, registry_of(args.root, args.registry), args.model, args.stage, args.tag))
+            return 0
         folder = resolve(registry_of(args.root, args.registry), args.model)
         print(show(folder) if args.command == "show" else verify(args.root, folder))
         if args.command == "verify" and args.rebuild:

@@ -1,8 +1,10 @@
 """The Prefect flow of the pipeline: one task per DVC stage, in the order of DVC's graph.
 
 `python -m flows.pipeline [--force] [--stage NAME]`. DVC alone decides what is up to date: one status
-call first, then `dvc repro --single-item <stage>` for each stage that changed or sits downstream of a
-change. Prefect adds retries, logs, run history and a markdown artifact with the run's table.
+call first; when anything is to run, `python -m stages.check` validates every params section (all errors at
+once, before minutes of work); then `dvc repro --single-item <stage>` for each stage that changed or sits
+downstream of a change, its output streamed into the Prefect log line by line as the stage prints it.
+Prefect adds retries, logs, run history and a markdown artifact with the run's table.
 """
 
 from __future__ import annotations
@@ -57,21 +59,45 @@ def failure_line(name: str, output: str, returncode: int) -> str:
     return (errors or lines or [f"exit code {returncode}"])[-1]
 
 
+def streamed(cmd: list[str], root: str, log: Any) -> tuple[int, str]:
+    """Run `cmd` in `root`, passing each line of its output (stdout and stderr, in the order written) to
+    `log(line)` as it comes, not when the command ends; returns (exit code, the whole output). The child's
+    Python runs unbuffered, so a stage's prints arrive when printed."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    lines = []
+    with subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          bufsize=1, errors="replace") as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip():
+                log(line.rstrip())
+    return proc.returncode, "".join(lines)
+
+
 @task(cache_policy=NO_CACHE)
 def run_stage(name: str, root: str, force: bool) -> dict[str, Any]:
-    """Run one stage through DVC, streaming its output to the Prefect log."""
+    """Run one stage through DVC, streaming its output to the Prefect log line by line."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name] + (["--force"] if force else [])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    code, output = streamed(cmd, root, lambda line: logger.info("%s | %s", name, line))
     duration = time.perf_counter() - start
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info("%s | %s", name, line)
-    if proc.returncode != 0:
-        raise StageFailed(f"stage {name} failed: {failure_line(name, proc.stdout + proc.stderr, proc.returncode)}")
-    unchanged = "didn't change, skipping" in proc.stdout
+    if code != 0:
+        raise StageFailed(f"stage {name} failed: {failure_line(name, output, code)}")
+    unchanged = "didn't change, skipping" in output
     return {"stage": name, "status": "unchanged" if unchanged else "ran", "duration_s": round(duration, 2)}
+
+
+@task(cache_policy=NO_CACHE)
+def check_params(root: str) -> None:
+    """`python -m stages.check`: every section of params.yaml valid before any stage starts (in a process of
+    its own: it imports the stages, and the flow never imports torch)."""
+    logger = get_run_logger()
+    code, output = streamed([sys.executable, "-m", "stages.check"], root, logger.info)
+    if code != 0:
+        errors = [ln.removeprefix("check: ") for ln in output.splitlines() if ln.startswith("check: ")]
+        raise StageFailed("params.yaml: " + "; ".join(errors[:-1] or errors))
 
 
 def read_metrics(root: Path, paths: tuple[str, ...]) -> str:
@@ -140,6 +166,8 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
     settings = flow_settings(base)
     scope = graph.scope(stage)
     logger.info("stages: %s; to run: %s", ", ".join(scope), ", ".join(to_run) or "none")
+    if to_run:  # nothing to run means no params changed since the last run: no check needed
+        check_params(str(base))
     rows: dict[str, dict[str, Any]] = {}
     futures: dict[str, Any] = {}
     for name in scope:
@@ -175,7 +203,8 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
         markdown="# distillery pipeline run\n\n" + table,
         description="Each stage of the DVC pipeline: ran, unchanged, skipped or failed.",
     )
-    published = publish_markdown(base, graph.metrics.get("publish", ()))
+    receipts = tuple(o for o in graph.outs.get("publish", ()) if o.endswith("receipt.json"))
+    published = publish_markdown(base, receipts)
     if published is not None and "publish" in scope:
         create_markdown_artifact(
             key=PUBLISH_ARTIFACT_KEY,

@@ -14,22 +14,25 @@ Variants:
 For each variant:
 - test accuracy, macro-F1 and the worst label's F1;
 - file size;
-- latency at batch 1 over real test queries, p50/p95/p99, both model-only and end to end (text in, label
-  out, tokenization included);
+- latency at batch 1 over real test queries, p50/p95/p99, model-only and end to end (text in, label out,
+  tokenization included) timed on the same calls, within `benchmark.time_budget_s`; also the median of the
+  rounds' p95s (`p95_rounds`), the tail statistic `publish.gates.max_p95_ms` reads;
 - model-only throughput at batch 32 and 64;
 - peak memory of a fresh process that loads the variant and runs it at batch 64;
 - efficiency: achieved FLOP/s at batch 64 over the GEMM peak measured here, in this run. The peak is
   ONNX Runtime's MatMul at the model's own shape and at a large square, fp32 and INT8. The fraction uses
   the large square of the variant's precision.
-Latencies are measured in interleaved rounds, so load drift falls on all variants alike.
+Latencies are measured in interleaved rounds, so load drift falls on all variants alike; the spread of the
+per-round ratios gives the noise, and above 5% report.md and the model card flag the timings as noisy.
 
 Publishable variants are quantize's two ONNX files and every engine, the files publish can ship (each row
 names its file and SHA-256); teacher and TF-IDF are baselines; `student_fp32` (the unpruned student,
 exported here into a temporary folder) is a reference. Benchmark measures and does not choose: publish
-applies `publish.gates` and picks the candidate (`stages.gates_tmp.choose_candidate`).
+applies `publish.gates` and picks the candidate (`stages.publish.choose_candidate`).
 
-Outputs: `metrics.json` (per variant: accuracy, macro-F1, worst label, size, file and SHA-256; the same
-bytes on every run of the same inputs), `timings.json` (latency, throughput, memory, efficiency, the GEMM
+Outputs: `metrics.json` (per variant: accuracy, macro-F1, per-label F1, size, architecture, file and SHA-256;
+the same bytes on every run of the same inputs), `summary.json` (accuracy, macro-F1 and size per variant: the
+stage's DVC metric, few columns for `dvc exp show`), `timings.json` (latency, throughput, memory, efficiency, the GEMM
 peak, the Pareto front and the round-to-round noise: they vary between runs and machines), and the timing
 views `report.md`, `plots/{pareto,latency}.csv` (DVC plots) and `png/`.
 """
@@ -37,8 +40,6 @@ views `report.md`, `plots/{pareto,latency}.csv` (DVC plots) and `png/`.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from abc import ABC, abstractmethod
@@ -50,9 +51,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages.model.encoder import TokenizedTexts, flops_per_token, load, load_tokenizer
+from stages.model.encoder import FLOPS_SEQ_LEN, TokenizedTexts, flops_per_token, layer_shapes, load, load_tokenizer
 from stages.model.evaluation import label_quality
+from stages.plots import latency_png, pareto_png
 from stages.records import (
+    NOISE_LIMIT,
     BenchmarkResults,
     BenchmarkTimings,
     BuildManifest,
@@ -64,29 +67,43 @@ from stages.records import (
 from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError, StageError
 from stages.runner.params import read_params
+from stages.runner.progress import Progress
+from stages.runtime.memory import peak_memory
 from stages.runtime.onnx import export_onnx, feeds, quantize_dynamic_int8
 from stages.runtime.sessions import session
 from stages.runtime.settings import RuntimeParams
 from stages.runtime.tensorrt import TrtRunner
-from stages.runtime.timing import percentiles, relative_speed, side_by_side, timed_calls
+from stages.runtime.timing import (
+    Interleaved,
+    Query,
+    interleaved_queries,
+    percentiles,
+    relative_speed,
+    round_p95s,
+    timed_calls,
+)
 from stages.storage.atomic import outputs
 from stages.storage.hashing import sha256_file
 
 
 @dataclass(frozen=True)
 class BenchmarkParams:
-    latency_runs: int = 300  # batch-1 queries per variant, model-only and end to end
-    rounds: int = 20  # latencies are taken in this many interleaved rounds over all variants
-    throughput_batches: int = 8  # batches of 32 and of 64 timed per variant
+    time_budget_s: float = 20.0  # seconds of batch-1 timing for all variants together
+    rounds: int = 10  # ...taken in this many interleaved rounds over all variants
+    throughput_batches: int = 4  # batches of 32 and of 64 timed per variant
     memory: bool = True  # peak memory per variant (a fresh process each)
     gemm_square: int = 1024  # the large-square GEMM of the peak measurement (M = K = N)
     tfidf_c: float = 10.0  # inverse regularization of the logistic regression
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("latency_runs", "rounds", "throughput_batches", "gemm_square"):
+        for key in ("rounds", "throughput_batches", "gemm_square"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"benchmark.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.rounds < 4:
+            raise ParamError(f"benchmark.rounds must be at least 4 (their spread gives the noise), got {self.rounds}")
+        if self.time_budget_s <= 0:
+            raise ParamError(f"benchmark.time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         if self.tfidf_c <= 0:
             raise ParamError(f"benchmark.tfidf_c must be > 0, got {self.tfidf_c}")
 
@@ -258,49 +275,6 @@ def gemm_peaks(threads: int, square: int, model_shape: tuple[int, int, int]) -> 
     return out
 
 
-def _memory_probe(spec: dict[str, Any]) -> dict[str, float]:
-    """In a fresh process: RSS before loading the variant, and the peak after loading it and running it
-    on `spec['texts']` at batch 64 (megabytes)."""
-    torch.set_num_threads(spec["threads"])
-    import onnxruntime  # noqa: F401  (the runtimes are imported before the baseline is taken)
-    import transformers  # noqa: F401
-
-    def status_mb(field: str) -> float:
-        """VmRSS (now) or VmHWM (peak) of this process; unlike ru_maxrss, not inherited from the parent."""
-        with open("/proc/self/status") as fh:
-            line = next(ln for ln in fh if ln.startswith(field + ":"))
-        return int(line.split()[1]) / 1e3  # kB
-
-    before = status_mb("VmRSS")
-    rt = RuntimeParams(threads=spec["threads"], max_length=spec["max_length"])
-    if spec["kind"] == "torch":
-        variant: Variant = TorchVariant("probe", Path(spec["path"]), rt)
-    else:
-        variant = OrtVariant("probe", Path(spec["path"]), load_tokenizer(spec["tokenizer"]), rt)
-    variant.logits(spec["texts"])
-    peak = status_mb("VmHWM")
-    return {"peak_mb": round(peak, 1), "model_mb": round(max(0.0, peak - before), 1)}
-
-
-def peak_memory(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """`_memory_probe` of each spec in a fresh Python process (so one variant's memory never counts
-    towards another's)."""
-    code = "; ".join(["import json, sys", "from stages.benchmark import _memory_probe as probe",
-                      "print(json.dumps(probe(json.load(sys.stdin))))"])  # fmt: skip
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    out = {}
-    for name, spec in specs.items():
-        proc = subprocess.run(
-            [sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True, env=env
-        )
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StageError(f"benchmark: memory probe of {name} failed: {tail}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
-
-
 def pareto_front(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Variants no other variant beats on both accuracy (higher) and end-to-end p50 (lower)."""
     front = []
@@ -319,8 +293,8 @@ def pareto_front(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def report_table(rows: dict[str, dict[str, Any]]) -> str:
     head = (
-        "| variant | acc | macro-F1 | worst label F1 | MB | model p50 / p95 / p99 ms | end-to-end p50 / p95 ms "
-        "| qps @32 | qps @64 | peak MB | of GEMM peak |"
+        "| variant | acc | macro-F1 | worst label F1 | MB | model p50 / p95 / p99 ms "
+        "| end-to-end p50 / p95 / p95 (rounds) ms | qps @32 | qps @64 | peak MB | of GEMM peak |"
     )
     lines = [head, "|" + "---|" * 11]
     for name, r in rows.items():
@@ -330,45 +304,19 @@ def report_table(rows: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
             f"{r['worst_label_f1']['f1']:.3f} ({r['worst_label_f1']['label']}) | {r['size_mb']:.2f} | "
-            f"{m['p50']:.3f} / {m['p95']:.3f} / {m['p99']:.3f} | {e['p50']:.3f} / {e['p95']:.3f} | "
+            f"{m['p50']:.3f} / {m['p95']:.3f} / {m['p99']:.3f} | {e['p50']:.3f} / {e['p95']:.3f} / "
+            f"{e.get('p95_rounds', e['p95']):.3f} | "
             f"{r['throughput_qps']['batch_32']:.0f} | {r['throughput_qps']['batch_64']:.0f} | "
             f"{'-' if mem is None else f'{mem:.0f}'} | {'-' if frac is None else f'{frac:.1%}'} |"
         )
     return "\n".join(lines)
 
 
-def write_plots(
-    folder: Path, rows: dict[str, dict[str, Any]], samples: dict[str, list[float]], front: list[str]
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in rows.items():
-        x, y = r["latency_ms"]["end_to_end"]["p50"], 100 * r["accuracy"]
-        ax.scatter([x], [y], color="tab:red" if name in front else "tab:gray", zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    pts = sorted((rows[n]["latency_ms"]["end_to_end"]["p50"], 100 * rows[n]["accuracy"]) for n in front)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:red", linewidth=1, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("end-to-end p50 latency at batch 1 (ms, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(loc="lower right")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "pareto.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(samples) + 1.5))
-    names = list(samples)
-    ax.boxplot([samples[n] for n in names], orientation="horizontal", showfliers=False, tick_labels=names)
-    ax.set_xscale("log")
-    ax.set_xlabel("model-only latency at batch 1 (ms, log scale; whiskers 1.5 IQR)")
-    ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "latency.png", dpi=120)
-    plt.close(fig)
+def write_plots(folder: Path, m: Measured) -> None:
+    r, t = m.results, m.timings
+    runs = f"{r.test_rows} test rows, {t.runs} queries per variant, {r.threads} threads"
+    pareto_png(folder / "pareto.png", m.rows(), t.pareto_front, f"Accuracy against latency ({runs})")
+    latency_png(folder / "latency.png", m.samples, f"Model-only latency at batch 1 ({runs})")
 
 
 # ---- the variants of this run ----------------------------------------------------------------------
@@ -476,19 +424,41 @@ def score(v: Variant, texts: list[str], truth: list[int], names: list[str]) -> V
     print(f"benchmark: scoring {v.name}", file=sys.stderr)
     row = {**label_quality(v.logits(texts), truth, names), "size_mb": v.size_mb()}
     extra = {"file": v.artifact.as_posix(), "sha256": sha256_file(v.artifact)} if v.artifact is not None else {}
-    return VariantResult(**row, precision=v.precision, device=v.device, publishable=v.artifact is not None, **extra)
+    arch = architecture(v.flops_model) if v.flops_model is not None else None
+    return VariantResult(**row, precision=v.precision, device=v.device, publishable=v.artifact is not None,
+                         architecture=arch, **extra)  # fmt: skip
 
 
-def latencies(variants: list[Variant], texts: list[str], names: list[str], p: BenchmarkParams) -> tuple[dict, dict]:
-    """(model-only, end-to-end) batch-1 samples of every variant, in interleaved rounds."""
-    print("benchmark: timing batch 1 (interleaved rounds)", file=sys.stderr)
-    queries = texts[: p.latency_runs]
-    prepared = {v.name: [v.batch([q]) for q in queries] for v in variants}
-    order = list(range(len(queries)))
-    model_fns = {v.name: (lambda i, v=v: v.run_batch(prepared[v.name][i])) for v in variants}
-    model = side_by_side(model_fns, order, p.latency_runs, rounds=p.rounds)
-    e2e_fns = {v.name: (lambda i, v=v: names[v.label(queries[i])]) for v in variants}
-    return model, side_by_side(e2e_fns, order, p.latency_runs, rounds=p.rounds)
+def architecture(model: Any) -> dict[str, Any]:
+    """Shapes, parameter count and encoder FLOPs per token of the PyTorch model a variant was made from."""
+    return {
+        "layers": layer_shapes(model),
+        "hidden": int(model.config.hidden_size),
+        "parameters": int(sum(t.numel() for t in model.parameters())),
+        "flops_per_token": int(flops_per_token(model, FLOPS_SEQ_LEN)),
+        "seq_len": FLOPS_SEQ_LEN,
+    }
+
+
+def latencies(variants: list[Variant], texts: list[str], names: list[str], p: BenchmarkParams) -> Interleaved:
+    """Model-only and end-to-end batch-1 samples of every variant, from the same calls, in interleaved
+    rounds within `benchmark.time_budget_s`."""
+    print(f"benchmark: batch-1 latency of {len(variants)} variants, {p.rounds} interleaved rounds, "
+          f"~{p.time_budget_s:g} s", file=sys.stderr)  # fmt: skip
+    queries = {
+        v.name: Query(
+            prepare=lambda text, v=v: v.batch([text]),
+            run=v.run_batch,
+            finish=lambda scores: names[int(np.argmax(scores[0]))],
+        )
+        for v in variants
+    }
+    with Progress("benchmark: latency", total=p.rounds * len(variants), unit="chunk") as bar:
+        step = lambda r, name: bar.advance(info=f"round {r + 1} {name}")  # noqa: E731
+        sampled = interleaved_queries(queries, texts, p.time_budget_s, p.rounds, on_chunk=step)
+    print(f"benchmark: {sampled.per_round * sampled.rounds} queries per variant in {sampled.seconds:.0f} s",
+          file=sys.stderr)  # fmt: skip
+    return sampled
 
 
 def timing_of(v: Variant, texts: list[str], latency: Latency, peaks: dict[str, Any], memory: dict[str, float],
@@ -514,24 +484,31 @@ def benchmark(variants: list[Variant], test: pl.DataFrame, labels: dict[str, int
     names = [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1])]
     texts, truth = test["text"].to_list(), [labels[x] for x in test["label"]]
     results = {v.name: score(v, texts, truth, names) for v in variants}
-    model, e2e = latencies(variants, texts, names, p)
+    sampled = latencies(variants, texts, names, p)
+    model, e2e = sampled.model, sampled.end_to_end
     peaks = gemm_peaks(rt.threads, p.gemm_square, model_shape(variants, texts, rt.max_length))
     extra = {"threads": rt.threads, "max_length": rt.max_length, "texts": texts[:256]}
     memory = peak_memory({k: {**s, **extra} for k, s in probes.items()}) if p.memory else {}
     # each variant relative to student_pruned within a round, and the noise of that estimate: publish's
     # choice between close variants rests on them
-    relative, noise = relative_speed(e2e, reference="student_pruned", rounds=p.rounds)
+    relative, noise = relative_speed(e2e, reference="student_pruned", rounds=sampled.rounds)
     timing = {}
     for v in variants:
         latency = Latency(
-            Percentiles(**percentiles(model[v.name])),
-            Percentiles(**percentiles(e2e[v.name]), vs_student_pruned=relative[v.name]),
+            Percentiles(**percentiles(model[v.name]), p95_rounds=round_p95s(model[v.name], sampled.rounds)),
+            Percentiles(
+                **percentiles(e2e[v.name]),
+                p95_rounds=round_p95s(e2e[v.name], sampled.rounds),
+                vs_student_pruned=relative[v.name],
+            ),  # fmt: skip
         )
         timing[v.name] = timing_of(v, texts, latency, peaks, memory.get(v.name, {}), p)
     publishable = [n for n, r in results.items() if r.publishable]
     res = BenchmarkResults(results, publishable, skipped, len(texts), rt.threads, rt.max_length)
     merged = {n: {**results[n].to_dict(), **timing[n].to_dict()} for n in results}
-    times = BenchmarkTimings(timing, peaks, pareto_front(merged), noise, p.rounds, p.latency_runs)
+    runs = sampled.rounds * sampled.per_round
+    times = BenchmarkTimings(timing, peaks, pareto_front(merged), noise, sampled.rounds, runs, sampled.seconds,
+                             noisy=noise > NOISE_LIMIT)  # fmt: skip
     return Measured(res, times, model)
 
 
@@ -543,9 +520,13 @@ def report_md(m: Measured, p: BenchmarkParams) -> str:
         [
             "# Benchmark",
             "",
-            f"{r.test_rows} test rows; batch-1 latency over {t.latency_runs} real queries per variant, in "
-            f"{t.rounds} interleaved rounds; {r.threads} CPU threads. Timings, throughput, memory and efficiency "
-            "vary between runs and machines; accuracy figures do not.",
+            f"{r.test_rows} test rows; batch-1 latency over {t.runs} real queries per variant, in "
+            f"{t.rounds} interleaved rounds ({t.seconds:.0f} s); {r.threads} CPU threads. Model-only and end-to-end "
+            "times come from the same calls (tokenizing, the model, the label), so the model alone never exceeds "
+            "end to end. Timings, throughput, memory and efficiency vary between runs and machines; accuracy "
+            "figures do not.",
+            "",
+            noise_line(t),
             "",
             report_table(m.rows()),
             "",
@@ -554,14 +535,34 @@ def report_md(m: Measured, p: BenchmarkParams) -> str:
             f"{peaks['int8']['large_square']} / {peaks['int8']['model']}. The fraction is against ONNX Runtime's "
             "GEMM; PyTorch's own GEMM kernels can beat it (a fraction above 100%).",
             "",
-            f"End to end, each variant's time relative to student_pruned in the same round has a standard error of "
-            f"{t.noise:.1%}: variants closer than about twice that cannot be told apart by this run.",
-            "",
             f"Publishable (publish chooses among them under `publish.gates`): {', '.join(r.publishable)}. "
             f"Pareto front: {', '.join(t.pareto_front)}.",
             "",
             *([f"Not measured: {', '.join(f'{k} ({v})' for k, v in skipped.items())}.", ""] if skipped else []),
         ]
+    )
+
+
+def summary(r: BenchmarkResults) -> dict[str, Any]:
+    """summary.json, the benchmark's DVC metric: accuracy, macro-F1 and size per variant (deterministic), a
+    few columns per variant so `dvc exp show` and `dvc metrics diff` stay readable; the rest is in
+    metrics.json and timings.json."""
+    keep = ("accuracy", "macro_f1", "size_mb")
+    return {name: {k: getattr(v, k) for k in keep} for name, v in r.variants.items()}
+
+
+def noise_line(t: BenchmarkTimings) -> str:
+    """How far this run's timings can be trusted, for report.md and the model card."""
+    verdict = (
+        f"**Timings are noisy** (above {NOISE_LIMIT:.0%}): the machine was busy; rerun `benchmark` on an idle "
+        "machine before trusting a latency figure or a close call between variants."
+        if t.noisy
+        else f"Timings are steady (below {NOISE_LIMIT:.0%})."
+    )
+    return (
+        f"Timing noise: {t.noise:.1%} (relative standard error of each variant's time against student_pruned "
+        f"in the same round; variants closer than about twice that cannot be told apart). {verdict} Tail-latency "
+        "gates read `p95_rounds`, the median of the rounds' p95s, which a few disturbed rounds cannot move."
     )
 
 
@@ -585,11 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         m = benchmark(variants, frames["test"], labels, p, rt, memory_probes(variants, inputs), skipped)
     with outputs() as w:
         w.json(args.out / "metrics.json", m.results.to_dict())
+        w.json(args.out / "summary.json", summary(m.results))
         w.json(args.out / "timings.json", m.timings.to_dict())
         w.text(args.out / "report.md", report_md(m, p))
         w.text(args.out / "plots" / "pareto.csv", pareto_csv(m.rows(), m.timings.pareto_front))
         w.text(args.out / "plots" / "latency.csv", latency_csv(m.rows()))
-        write_plots(w.directory(args.out / "png"), m.rows(), m.samples, m.timings.pareto_front)
+        write_plots(w.directory(args.out / "png"), m)
     print(report_table(m.rows()))
     print(f"benchmark: {len(m.results.variants)} variants, {len(m.results.publishable)} publishable -> {args.out}")
     return 0

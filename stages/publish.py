@@ -33,7 +33,9 @@ The registry is not a DVC output, so no `dvc repro` can delete a published versi
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from stages.plots import pareto_png
 from stages.records import BenchmarkResults, BenchmarkTimings, BuildManifest, Engine, VariantResult, VariantTiming
 from stages.registry import (
     Draft,
@@ -68,7 +71,7 @@ from stages.storage.hashing import dvc_md5, sha256_file
 class Gates:
     min_accuracy: float = 0.0  # test accuracy (fraction)
     max_drop_vs_teacher: float = 100.0  # points of test accuracy below teacher_fp32
-    max_p95_ms: float = 1e9  # end-to-end p95 latency at batch 1, milliseconds
+    max_p95_ms: float = 1e9  # end-to-end p95 at batch 1 (median of benchmark's per-round p95s), milliseconds
     max_size_mb: float = 1e9  # model file size
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ class Gates:
         """Each gate with the measured value, its limit and whether it passed."""
         acc, size = result.accuracy, result.size_mb
         drop = round(100 * (teacher_accuracy - acc), 4)
-        p95 = timing.latency_ms.end_to_end.p95
+        p95 = timing.gate_p95()
         measured = {
             "min_accuracy": (acc, acc >= self.min_accuracy, self.min_accuracy),
             "max_drop_vs_teacher": (drop, drop <= self.max_drop_vs_teacher, self.max_drop_vs_teacher),
@@ -106,6 +109,9 @@ def failed_gates(checked: dict[str, dict[str, Any]]) -> list[str]:
 class PublishParams:
     model: str = "distillery-intent"  # registry name: lowercase letters, digits and dashes
     registry: str = "registry"  # the registry folder (relative to the repository)
+    # Where a DVC experiment (`dvc exp run`, queued or not) publishes instead: never the production registry,
+    # unless set to the same folder on purpose.
+    experiment_registry: str = "registry-experiments"
     version: str = "auto"  # auto: the next major version; or an explicit x.y.z
     tag: bool = False  # an annotated git tag <model>@v<version> (GTO's form)
     gates: dict[str, float] = field(default_factory=dict)  # see Gates
@@ -115,8 +121,9 @@ class PublishParams:
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
-        if not isinstance(self.registry, str) or not self.registry.strip():
-            raise ParamError("publish.registry must be a folder path")
+        for key in ("registry", "experiment_registry"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise ParamError(f"publish.{key} must be a folder path")
         if self.version != "auto":
             check_version(self.version)
         if not isinstance(self.tag, bool):
@@ -276,15 +283,16 @@ def metrics_table(results: BenchmarkResults, timings: BenchmarkTimings, candidat
     """The published variant against the baselines: accuracy, worst label, size and latency."""
     order = [candidate] + [n for n in ("teacher_fp32", "teacher_int8", "tfidf_logreg") if n in results.variants]
     lines = [
-        "| variant | accuracy | macro-F1 | worst label F1 | size MB | end-to-end p50 / p95 ms | model p50 ms |",
+        "| variant | accuracy | macro-F1 | worst label F1 | size MB | end-to-end p50 / p95 ms (p95: median of rounds) "
+        "| model p50 ms |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in order:
-        r, t = results.variants[n], timings.variants[n].latency_ms
-        w = r.worst_label_f1
+        r, timing = results.variants[n], timings.variants[n]
+        t, w = timing.latency_ms, r.worst_label_f1
         lines.append(
             f"| {n}{' (published)' if n == candidate else ''} | {r.accuracy:.4f} | {r.macro_f1:.4f} | "
-            f"{w['f1']:.3f} ({w['label']}) | {r.size_mb:.2f} | {t.end_to_end.p50:.3f} / {t.end_to_end.p95:.3f} | "
+            f"{w['f1']:.3f} ({w['label']}) | {r.size_mb:.2f} | {t.end_to_end.p50:.3f} / {timing.gate_p95():.3f} | "
             f"{t.model.p50:.3f} |"
         )
     return "\n".join(lines)
@@ -315,7 +323,9 @@ def _load_snippet(c: Card) -> list[str]:
         ")",
         f'enc = tok(["where is my order?"], truncation=True, max_length={c.results.max_length}, return_tensors="np")',
         "feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}",
-        'print(names[int(sess.run(["logits"], feeds)[0].argmax(-1)[0])])',
+        'logits = sess.run(["logits"], feeds)[0][0]',
+        "probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()",
+        'print(names[int(probs.argmax())], f"{probs.max():.3f}")  # the label and its softmax score',
         "```",
     ]
 
@@ -336,6 +346,32 @@ def _card_head(c: Card) -> list[str]:
         "outside these intents still receives one (check the top score if that matters).",
         "",
         "Labels: " + ", ".join(f"`{n}`" for n in labels) + ".",
+        "",
+    ]
+
+
+def _card_model(c: Card) -> list[str]:
+    arch = c.result.architecture
+    if not arch:
+        return []
+    teacher = c.results.variants.get("teacher_fp32")
+    t_arch = teacher.architecture if teacher is not None else None
+    layers = arch["layers"]
+    compare = (
+        f" ({arch['parameters'] / t_arch['parameters']:.0%} of the teacher's {t_arch['parameters']:,} parameters, "
+        f"{arch['flops_per_token'] / t_arch['flops_per_token']:.0%} of its {len(t_arch['layers'])}-layer encoder's "
+        "FLOPs)"
+        if t_arch
+        else ""
+    )
+    return [
+        "## Model",
+        "",
+        f"A BERT-style encoder of {len(layers)} layers, hidden size {arch['hidden']}, attention heads per layer "
+        f"{[x['heads'] for x in layers]}, FFN width per layer {[x['ffn'] for x in layers]} (structured pruning "
+        f"leaves layers unequal); {arch['parameters']:,} parameters, {arch['flops_per_token'] / 1e6:.1f} MFLOPs "
+        f"per token at {arch['seq_len']} tokens{compare}. Distilled from the fine-tuned teacher, then pruned and "
+        f"exported as `{c.candidate}` ({c.result.precision}).",
         "",
     ]
 
@@ -371,6 +407,9 @@ def _card_metrics(c: Card) -> list[str]:
         "and vary between runs and machines. The full table with every variant is `data/09_benchmark/report.md` "
         "of the commit below.",
         "",
+        _noise_sentence(c.timings),
+        "",
+        *_per_label(c.result),
         "## Gates (`publish.gates`)",
         "",
         "| gate | limit | measured | result |",
@@ -378,6 +417,38 @@ def _card_metrics(c: Card) -> list[str]:
         "\n".join(gates),
         "",
     ]
+
+
+def _noise_sentence(t: BenchmarkTimings) -> str:
+    measured = f"Timing noise in that run: {t.noise:.1%} (relative standard error between interleaved rounds)"
+    if t.noisy:
+        return f"**{measured}: the machine was busy and these latencies are unreliable.** Rerun the benchmark idle."
+    return f"{measured}: steady."
+
+
+def _per_label(r: VariantResult, most: int = 20) -> list[str]:
+    """F1 of each label on the test rows, weakest first (the `most` weakest when there are more)."""
+    if not r.per_label_f1:
+        return []
+    ranked = sorted(r.per_label_f1.items(), key=lambda kv: (kv[1], kv[0]))
+    shown = ranked[:most]
+    title = "F1 per label" if len(shown) == len(ranked) else f"F1 of the {most} weakest of {len(ranked)} labels"
+    return [f"{title} (test rows):", "", "| label | F1 |", "|---|---|",
+            *[f"| {name} | {f1:.3f} |" for name, f1 in shown], ""]  # fmt: skip
+
+
+def weakest_label_line(r: VariantResult) -> str:
+    """The Limitations line on labels: names a weak label only when one stands out (F1 at least 0.05 below
+    macro-F1), else says none does, and says when every label scored perfectly (too easy or too small a test)."""
+    w = r.worst_label_f1
+    if w["f1"] >= 0.9995:
+        return ("- Every label scored F1 1.000 on the test rows: the test set is too small or too easy to show "
+                "where this model errs; measure it on harder data before relying on it.")  # fmt: skip
+    if w["f1"] <= r.macro_f1 - 0.05:
+        return (f"- Weakest label: `{w['label']}` (F1 {w['f1']:.3f} against macro-F1 {r.macro_f1:.3f}); "
+                "confusions concentrate there.")  # fmt: skip
+    return (f"- No label stands out as weak: the lowest F1 is {w['f1']:.3f} (`{w['label']}`), "
+            f"macro-F1 {r.macro_f1:.3f}.")  # fmt: skip
 
 
 def _card_tail(c: Card) -> list[str]:
@@ -388,8 +459,7 @@ def _card_tail(c: Card) -> list[str]:
         "## Limitations",
         "",
         f"- Inputs longer than {c.results.max_length} tokens are truncated.",
-        f"- Weakest label: `{c.result.worst_label_f1['label']}` (F1 {c.result.worst_label_f1['f1']:.3f}); "
-        "confusions concentrate there.",
+        weakest_label_line(c.result),
         "- Trained on one dataset; accuracy on other domains, languages or phrasing is not measured.",
         *(int8 if c.result.precision == "int8" else []),
         "",
@@ -408,7 +478,7 @@ def _card_tail(c: Card) -> list[str]:
 
 
 def model_card(c: Card) -> str:
-    return "\n".join([*_card_head(c), *_card_data(c), *_card_metrics(c), *_card_tail(c)])
+    return "\n".join([*_card_head(c), *_card_model(c), *_card_data(c), *_card_metrics(c), *_card_tail(c)])
 
 
 # ---- the version ---------------------------------------------------------------------------------------
@@ -485,7 +555,8 @@ def gather(args: Any, root: Path, p: PublishParams) -> Release:
                    read_json(ingest_file), read_json(machine_file))  # fmt: skip
 
 
-def lineage_record(root: Path, r: Release, p: PublishParams, version: str, payload: dict[str, str]) -> Lineage:
+def lineage_record(root: Path, r: Release, p: PublishParams, version: str, payload: dict[str, str],
+                   experiment: str | None = None) -> Lineage:  # fmt: skip
     d, order = r.decision, stage_order(root)
     return Lineage(
         model=p.model,
@@ -499,6 +570,7 @@ def lineage_record(root: Path, r: Release, p: PublishParams, version: str, paylo
             "params": {"gates": p.gates, "latency_margin": p.latency_margin, "version": p.version, "tag": p.tag},
             "reads": r.reads,
             "margin_used": d.margin,  # max(latency_margin, twice benchmark's noise), at most 0.5
+            **({"experiment": experiment} if experiment else {}),
         },
         stages=[{"name": s, **r.lock[s]} for s in order if s in r.lock and s != "publish"],
         sources=r.ingest.get("sources", []),
@@ -524,10 +596,11 @@ def choose_version(existing: dict[str, str], digest: str, p: PublishParams, mode
     return version, True
 
 
-def publish(root: Path, r: Release, p: PublishParams) -> tuple[str, Path, bool]:
-    """Add the release to the registry as a new version, or find the version that holds its content.
-    Returns (version, its folder, whether this call wrote it)."""
-    model_dir = root / p.registry / p.model
+def publish(root: Path, r: Release, p: PublishParams, base: Path | None = None,
+            experiment: str | None = None) -> tuple[str, Path, bool]:  # fmt: skip
+    """Add the release to the registry `base / p.registry` (base: the repository) as a new version, or find the
+    version that holds its content. Returns (version, its folder, whether this call wrote it)."""
+    model_dir = (base or root) / p.registry / p.model
     existing = existing_versions(model_dir)
     with Draft(model_dir) as draft:
         # The payload first: it decides whether this content is already published.
@@ -541,7 +614,7 @@ def publish(root: Path, r: Release, p: PublishParams) -> tuple[str, Path, bool]:
             tag_precheck(root, f"{p.model}@v{version}")
         if not new:
             return version, model_dir / version, False
-        lineage = lineage_record(root, r, p, version, payload)
+        lineage = lineage_record(root, r, p, version, payload, experiment)
         labels = json.loads(r.labels_file.read_text(encoding="utf-8"))
         card = Card(p.model, version, p.registry, r.decision.candidate, r.results, r.timings, labels, r.ingest,
                     r.decision.gates, r.fingerprint, r.runtime, lineage.git, lineage.content_digest)  # fmt: skip
@@ -575,6 +648,18 @@ def add_tag(root: Path, model: str, version: str) -> str:
     return tag
 
 
+def experiment_target(p: PublishParams, root: Path) -> tuple[PublishParams, Path, str | None]:
+    """Where this run publishes: under a DVC experiment (DVC sets `DVC_EXP_NAME` for `dvc exp run`, and
+    `DVC_ROOT` to the project when a queued experiment runs in a temporary copy), `publish.experiment_registry`
+    of the project, never tagged; else `publish.registry`."""
+    experiment = os.environ.get("DVC_EXP_NAME") or None
+    if experiment is None:
+        return p, root, None
+    base = Path(os.environ.get("DVC_ROOT") or root)
+    print(f"publish: experiment {experiment}: publishing to {p.experiment_registry}, not {p.registry}", file=sys.stderr)
+    return dataclasses.replace(p, registry=p.experiment_registry, tag=False), base, experiment
+
+
 @stage_entrypoint("publish")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.publish --in data/09_benchmark --ingest … --clean … --quantize … --build …
@@ -584,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     p = read_params(PublishParams, "publish", args.params)
     root = Path.cwd()
     release = gather(args, root, p)
-    version, target, new = publish(root, release, p)
+    p, base, experiment = experiment_target(p, root)
+    version, target, new = publish(root, release, p, base, experiment)
     tag = add_tag(root, p.model, version) if p.tag else None
     d = release.decision
     # Only what the same inputs always give: the payload's digests (not the model card's or lineage's, which
@@ -594,23 +680,28 @@ def main(argv: list[str] | None = None) -> int:
     receipt = {
         "model": p.model,
         "version": version,
-        "path": rel(root, target),
+        "path": rel(base, target),  # relative to the project (also for a queued experiment)
         "variant": d.candidate,
         "content_digest": payload_digest(files),
         "files": files,
         "gates": {k: {"limit": g["limit"], "passed": g["passed"]} for k, g in sorted(d.gates.items())},
         "tag": tag,
         "benchmark_report": rel(root, args.inp / "report.md"),
+        **({"experiment": experiment} if experiment else {}),
     }
+    title = f"{p.model} {version}: {d.candidate} published ({release.results.test_rows} test rows)"
     with outputs() as w:
         w.json(args.out / "receipt.json", receipt)
+        # a run record (timings): the benchmark's picture with the published variant circled
+        front = release.timings.pareto_front
+        w.file(args.out / "pareto.png", lambda path: pareto_png(path, release.rows, front, title, d.candidate))
     if new:
         print(f"publish: {p.model} {version} <- {d.candidate} ({rel(root, release.source)})", file=sys.stderr)
     else:
         print(
             f"publish: {d.candidate} is already published as {p.model} {version}; registry unchanged", file=sys.stderr
         )
-    print(f"publish: {'published' if new else 'existing'} {p.model}@{version} -> {rel(root, target)}")
+    print(f"publish: {'published' if new else 'existing'} {p.model}@{version} -> {rel(base, target)}")
     return 0
 
 

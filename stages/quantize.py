@@ -49,6 +49,7 @@ from stages.runtime.onnx import (
     latency_samples,
     ort_logits,
     quantize_dynamic_int8,
+    quiet_libraries,
     save_portable,
     size_mb,
 )
@@ -133,7 +134,7 @@ def quantize_static_int8(src: Path, dst: Path, texts: TokenizedTexts, rows: int,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, quiet_libraries():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantize_static(

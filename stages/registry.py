@@ -7,14 +7,19 @@
         tokenizer/  labels.json
         model_card.md  lineage.json    Lineage: where it came from
         SHA256SUMS                     `sha256sum -c` format, over every other file
+    <registry>/<model>/stages.json     which version each named stage (production, staging, ...) serves
 
 The payload defines a version's content (`payload_digest`); a version is written in a draft folder beside
-the others, synced, frozen read-only and renamed into place, and is never overwritten. Light: no torch.
+the others, synced, frozen read-only and renamed into place, and is never overwritten. Stages are the one
+mutable part, as in GTO's convention (`gto assign`): `assign` moves a stage to a version, keeping the
+history of assignments; `resolve("model#production")` finds the version a stage points at.
+Light: no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -31,6 +36,8 @@ MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
 PAYLOAD = ("model.", "runtime.json", "tokenizer/", "labels.json")  # what defines a version's content
 SUMS = "SHA256SUMS"
+STAGES = "stages.json"
+STAGE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")  # production, staging, ...
 
 
 class RegistryError(StageError):
@@ -149,9 +156,54 @@ def next_version(existing: dict[str, str], requested: str) -> str:
     return f"{top[0] + 1}.0.0"
 
 
+def read_stages(model_dir: Path) -> dict[str, str]:
+    """Stage name -> version of a model (empty when none was assigned)."""
+    path = model_dir / STAGES
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {name: entry["version"] for name, entry in sorted(data["stages"].items())}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{path}: not a stages file ({exc})") from exc
+
+
+def stages_of(model_dir: Path, version: str) -> list[str]:
+    return [name for name, v in read_stages(model_dir).items() if v == version]
+
+
+def assign(model_dir: Path, stage: str, version: str, note: dict[str, Any] | None = None) -> int:
+    """Point `stage` at `version` (which must exist), atomically; returns the assignment's number for this
+    stage (1, 2, ...: GTO's `<model>#<stage>#<n>` tag number). `note` (who, why) goes into the history."""
+    if not isinstance(stage, str) or not STAGE_NAME.match(stage):
+        raise RegistryError(f"stage {stage!r}: lowercase letters, digits, '-' and '_', starting with a letter")
+    check_version(version, "version")
+    if version not in versions(model_dir):
+        raise RegistryError(f"{model_dir.name}@{version}: not published (versions: {', '.join(versions(model_dir))})")
+    path = model_dir / STAGES
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}, "history": []}
+    number = 1 + sum(1 for h in data["history"] if h["stage"] == stage)
+    data["stages"][stage] = {"version": version}
+    data["history"].append({"stage": stage, "version": version, "number": number, **(note or {})})
+    tmp = path.with_name(f".{STAGES}.tmp")
+    tmp.write_text(dumps_json(data), encoding="utf-8")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(model_dir)
+    return number
+
+
 def resolve(registry: Path, spec: str) -> Path:
-    """`model` or `model@version` (also `model@vX.Y.Z`, as git tags write it) to the version folder; the
-    latest version without one."""
+    """`model`, `model@version` (also `model@vX.Y.Z`, as git tags write it) or `model#stage` (GTO's form: the
+    version that stage is assigned) to the version folder; the latest version with neither."""
+    if "#" in spec:
+        model, _, stage = spec.partition("#")
+        assigned = read_stages(registry / model) if model and "/" not in model and ".." not in model else {}
+        if stage not in assigned:
+            known = ", ".join(f"{k} -> {v}" for k, v in assigned.items()) or "none assigned"
+            raise RegistryError(f"{spec!r}: no version of {model} is assigned to stage {stage!r} ({known})")
+        spec = f"{model}@{assigned[stage]}"
     model, _, version = spec.partition("@")
     version = version.removeprefix("v")
     if not model or "/" in model or ".." in model:

@@ -56,7 +56,7 @@ def copy_project(dest: Path, quick_benchmark: bool = False) -> Path:
         import yaml
 
         params = yaml.safe_load((dest / "params.yaml").read_text())
-        params["benchmark"].update(latency_runs=40, rounds=2, throughput_batches=2, memory=False, gemm_square=256)
+        params["benchmark"].update(time_budget_s=3, rounds=4, throughput_batches=2, memory=False, gemm_square=256)
         params["build"].update(latency_runs=40)
         params["publish"].update(latency_margin=0.5)
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

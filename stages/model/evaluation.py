@@ -41,13 +41,15 @@ def scores(logits: Any, truth: Sequence[int], n_labels: int) -> dict[str, float]
 
 
 def label_quality(logits: Any, truth: Sequence[int], names: list[str]) -> dict[str, Any]:
-    """`scores` plus the worst label's F1 (its name; ties broken by name)."""
+    """`scores`, the worst label's F1 (its name; ties broken by name) and the F1 of every label present in
+    `truth`, by name."""
     pred = np.asarray(logits).argmax(1).tolist()
     f1 = per_label_f1(truth, pred, len(names))
     worst = min(sorted(set(truth)), key=lambda k: (f1[k], names[k]))
     return {
         **scores(logits, truth, len(names)),
         "worst_label_f1": {"label": names[worst], "f1": round(float(f1[worst]), 6)},
+        "per_label_f1": {names[k]: round(float(f1[k]), 6) for k in sorted(set(truth))},
     }
 
 

@@ -14,9 +14,13 @@ make it and CPU sessions disable ONNX Runtime's own `SkipLayerNormFusion` (recor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +90,25 @@ class _CanonicalBert(torch.nn.Module):
         return self.model.head(pooled)
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence what the exporter and the quantizer print about themselves (not about the model): torch's
+    `torchvision is not installed` registry notes and deprecation warnings, the dynamo exporter's axis-name
+    notes, ONNX Runtime's quantizer asking for pre-processing on the root logger. Errors still surface as
+    exceptions; the stage's own checks (parity, agreement) judge the result."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def strip_provenance(proto: Any) -> Any:
     """Drop what ties an ONNX model to the machine and checkout that wrote it: the exporter's per-node source
     stack traces (absolute paths of the checkout and the virtualenv), FX node dumps and name scopes, doc
@@ -135,16 +158,17 @@ def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     form = "canonical" if _CanonicalBert.supports(model) else "traced"
     try:
-        program = torch.onnx.export(
-            (_CanonicalBert(model) if form == "canonical" else _Logits(model)).eval(),
-            args,
-            input_names=list(INPUTS),
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
+        with quiet_libraries():
+            program = torch.onnx.export(
+                (_CanonicalBert(model) if form == "canonical" else _Logits(model)).eval(),
+                args,
+                input_names=list(INPUTS),
+                output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
     except Exception as exc:  # the exporter raises many types; the first line says what failed
         raise StageError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,15 +266,17 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, contrib_ops: 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if contrib_ops else {}
-    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8, extra_options=extra)
+    with quiet_libraries():
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8, extra_options=extra)
     proto = onnx.load(str(dst))
     drop_unused_nodes(proto)
     save_portable(proto, dst)
 
 
 def drop_unused_nodes(proto: Any) -> int:
-    """Remove nodes none of whose outputs reach a graph output (ONNX Runtime runs them anyway); returns how
-    many. Quantizing EmbedLayerNormalization leaves such a chain: its INT8 form takes no position ids."""
+    """Remove nodes none of whose outputs reach a graph output (ONNX Runtime runs them anyway), then the
+    initializers no node reads (ONNX Runtime warns about each at every load); returns how many nodes.
+    Quantizing EmbedLayerNormalization leaves such a chain: its INT8 form takes no position ids."""
     wanted = {o.name for o in proto.graph.output}
     kept = list(proto.graph.node)
     while True:
@@ -263,6 +289,10 @@ def drop_unused_nodes(proto: Any) -> int:
     if dropped:
         del proto.graph.node[:]
         proto.graph.node.extend(kept)
+    read = {name for node in kept for name in node.input} | {o.name for o in proto.graph.output}
+    unused = [t for t in proto.graph.initializer if t.name not in read]
+    for tensor in unused:
+        proto.graph.initializer.remove(tensor)
     return dropped
 
 

@@ -51,3 +51,42 @@ def test_report_table_has_a_row_per_variant():
     }
     table = report_table(rows).splitlines()
     assert len(table) == 3 and table[2].startswith("| x | 0.9000 | 0.8000 |")
+
+
+def test_interleaved_queries_time_model_inside_end_to_end_within_the_budget():
+    import time
+
+    from stages.runtime.timing import Query, interleaved_queries, round_p95s
+
+    def slow(ms: float):
+        def run(x):
+            end = time.perf_counter() + ms / 1000.0
+            while time.perf_counter() < end:
+                pass
+            return x
+
+        return run
+
+    queries = {
+        "a": Query(prepare=slow(0.3), run=slow(0.5), finish=lambda out: out),
+        "b": Query(prepare=slow(0.1), run=slow(1.0), finish=lambda out: out),
+    }
+    got = interleaved_queries(queries, ["x", "y", "z"], budget_s=0.6, rounds=4, min_per_round=3, settle_s=0.01)
+    assert got.rounds == 4 and got.per_round >= 3 and got.seconds < 2.0
+    for name in queries:
+        model, e2e = got.model[name], got.end_to_end[name]
+        assert len(model) == len(e2e) == got.rounds * got.per_round
+        assert all(m <= e for m, e in zip(model, e2e, strict=True))  # same calls: model-only inside end to end
+    assert min(got.model["b"]) >= 1.0 and min(got.end_to_end["a"]) >= 0.8
+    # one disturbed round moves the pooled p95 but not the median of the rounds' p95s
+    steady = [1.0] * 20 * 3 + [50.0] * 20
+    assert round_p95s(steady, rounds=4) == 1.0
+
+
+def test_report_flags_noisy_timings():
+    from stages.benchmark import noise_line
+
+    steady = BenchmarkTimings({}, {}, [], 0.01, 10, 100)
+    noisy = BenchmarkTimings({}, {}, [], 0.12, 10, 100, noisy=True)
+    assert "steady" in noise_line(steady) and "noisy" not in noise_line(steady).lower()
+    assert "**Timings are noisy**" in noise_line(noisy) and "12.0%" in noise_line(noisy)
