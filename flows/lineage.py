@@ -95,6 +95,26 @@ def short(md5: str | None) -> str:
     return "-" if not md5 else (md5[:12] + (".dir" if md5.endswith(".dir") else ""))
 
 
+def show_stage(name: str, entry: dict[str, Any], outs: list[tuple[str, str]]) -> list[str]:
+    """One stage of `show`: command, params, inputs (with the stage that made each), code, outputs."""
+    lines = ["", name, f"  cmd      {entry.get('cmd', '')}"]
+    params = flat_params(entry.get("params") or {})
+    if params:
+        wrapped = textwrap.wrap(", ".join(params), 100)
+        lines += [f"  params   {wrapped[0]}", *(f"           {w}" for w in wrapped[1:])]
+    code = [d for d in entry.get("deps") or [] if d["path"].endswith(".py")]
+    for dep in entry.get("deps") or []:
+        if not dep["path"].endswith(".py"):
+            up = producer_of(outs, dep["path"])
+            lines.append(f"  input    {dep['path']}  md5 {short(dep.get('md5'))}  {f'<- {up}' if up else '(source)'}")
+    if code:
+        lines.append(f"  code     {len(code)} files: " + ", ".join(f"{d['path']} {short(d['md5'])[:8]}" for d in code))
+    for out in entry.get("outs") or []:
+        extra = f" ({out['nfiles']} files)" if out.get("nfiles") else ""
+        lines.append(f"  output   {out['path']}  md5 {short(out.get('md5'))}{extra}")
+    return lines
+
+
 def show(folder: Path) -> str:
     lineage = read_lineage(folder)
     outs = producers(lineage)
@@ -121,34 +141,21 @@ def show(folder: Path) -> str:
         lines.append(f"  reads    {r['path']}{within}  md5 {short(r['md5'])}  <- {r['stage']}")
         if r["stage"] not in queue:
             queue.append(r["stage"])
-    seen: list[str] = []
+    # The chain: every stage the published files come from, directly or not; printed from the last stage
+    # back to the first, in the pipeline's order (lineage.json lists stages as dvc.yaml orders them).
+    chain: set[str] = set()
     while queue:
         name = queue.pop(0)
-        if name in seen or name not in stages:
+        if name in chain or name not in stages:
             continue
-        seen.append(name)
-        entry = stages[name]
-        lines += ["", name, f"  cmd      {entry.get('cmd', '')}"]
-        params = flat_params(entry.get("params") or {})
-        if params:
-            wrapped = textwrap.wrap(", ".join(params), 100)
-            lines += [f"  params   {wrapped[0]}", *(f"           {w}" for w in wrapped[1:])]
-        code = [d for d in entry.get("deps") or [] if d["path"].endswith(".py")]
-        for dep in entry.get("deps") or []:
-            if dep["path"].endswith(".py"):
-                continue
+        chain.add(name)
+        for dep in stages[name].get("deps") or []:
             up = producer_of(outs, dep["path"])
-            source = f"<- {up}" if up else "(source)"
-            lines.append(f"  input    {dep['path']}  md5 {short(dep.get('md5'))}  {source}")
-            if up and up not in seen and up not in queue:
+            if up and up not in chain:
                 queue.append(up)
-        if code:
-            lines.append(
-                f"  code     {len(code)} files: " + ", ".join(f"{d['path']} {short(d['md5'])[:8]}" for d in code)
-            )
-        for out in entry.get("outs") or []:
-            extra = f" ({out['nfiles']} files)" if out.get("nfiles") else ""
-            lines.append(f"  output   {out['path']}  md5 {short(out.get('md5'))}{extra}")
+    seen = [s["name"] for s in reversed(lineage.stages) if s["name"] in chain]
+    for name in seen:
+        lines += show_stage(name, stages[name], outs)
     rest = [s for s in stages if s not in seen]
     if rest:
         lines += ["", "not on the chain of the published files: " + ", ".join(rest)]

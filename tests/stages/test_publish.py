@@ -19,9 +19,18 @@ import yaml
 
 from flows.lineage import main as lineage_main
 from flows.pipeline import publish_markdown
-from stages.publish import Card, Gates, PublishParams, choose_candidate, decide, model_card, runtime_record
+from stages.publish import (
+    Card,
+    Gates,
+    PublishParams,
+    choose_candidate,
+    decide,
+    model_card,
+    runtime_record,
+    weakest_label_line,
+)
 from stages.records import BenchmarkResults, BenchmarkTimings, Latency, Percentiles, VariantResult, VariantTiming
-from stages.registry import Draft, RegistryError, check_version, read_sums, resolve
+from stages.registry import Draft, RegistryError, assign, check_version, read_stages, read_sums, resolve
 from stages.runner.errors import ParamError, StageError
 from tests.conftest import copy_project, dvc
 
@@ -169,6 +178,37 @@ def test_a_draft_version_is_written_whole_or_not_at_all(tmp_path):
     assert [p.name for p in model_dir.iterdir()] == ["1.0.0"]  # the failed draft left nothing behind
 
 
+def test_a_stage_points_at_a_version_with_its_history_and_resolves_by_name(tmp_path):
+    model_dir = tmp_path / "registry" / "m"
+    for version in ("1.0.0", "2.0.0"):
+        with Draft(model_dir) as draft:
+            draft.add("model.onnx", version.encode())
+            draft.commit(version)
+    with pytest.raises(RegistryError, match="no version of m is assigned to stage 'production'"):
+        resolve(tmp_path / "registry", "m#production")
+    assert assign(model_dir, "production", "1.0.0") == 1
+    assert assign(model_dir, "staging", "2.0.0") == 1
+    assert resolve(tmp_path / "registry", "m#production") == model_dir / "1.0.0"
+    assert assign(model_dir, "production", "2.0.0") == 2  # promoted: GTO's tag would be m#production#2
+    assert read_stages(model_dir) == {"production": "2.0.0", "staging": "2.0.0"}
+    history = json.loads((model_dir / "stages.json").read_text())["history"]
+    assert [(h["stage"], h["version"], h["number"]) for h in history][-1] == ("production", "2.0.0", 2)
+    with pytest.raises(RegistryError, match="not published"):
+        assign(model_dir, "production", "3.0.0")
+    with pytest.raises(RegistryError, match="stage 'Prod uction'"):
+        assign(model_dir, "Prod uction", "1.0.0")
+
+
+def test_the_card_names_a_weak_label_only_when_one_stands_out():
+    def row(worst: float, macro: float) -> VariantResult:
+        return VariantResult(macro, macro, {"label": "book_flight", "f1": worst}, 1.0, "int8", "cpu")
+
+    assert "Weakest label: `book_flight`" in weakest_label_line(row(0.70, 0.90))
+    assert "No label stands out" in weakest_label_line(row(0.88, 0.90))
+    perfect = weakest_label_line(row(1.0, 1.0))
+    assert "Every label scored F1 1.000" in perfect and "book_flight" not in perfect
+
+
 @pytest.mark.slow
 def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     r = receipt(project)
@@ -288,12 +328,37 @@ def test_version_names_with_dots_or_slashes_are_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_experiment_publishes_to_its_own_registry_never_to_production(project, capsys):
+    before = snapshot(project / "registry")
+    cmd = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["publish"]["cmd"]
+    env = {**os.environ, "DVC_ROOT": str(project), "DVC_EXP_NAME": "tiny-exp"}  # as `dvc exp run` sets them
+    proc = subprocess.run([sys.executable, *shlex.split(cmd)[1:]], cwd=project, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "experiment tiny-exp: publishing to registry-experiments" in proc.stderr
+    assert snapshot(project / "registry") == before  # production untouched
+    r = receipt(project)
+    assert (r["path"], r["experiment"]) == (f"registry-experiments/{MODEL}/1.0.0", "tiny-exp")
+    registry = str(project / "registry-experiments")
+    code, out, _ = lineage_cli(capsys, "show", MODEL, "--root", str(project), "--registry", registry)
+    assert code == 0 and "published by experiment tiny-exp" in out and "stages: none assigned" in out
+    # promotion is explicit, and `show` reads it
+    assert lineage_cli(capsys, "assign", f"{MODEL}@1.0.0", "--stage", "production", "--root", str(project))[0] == 0
+    code, out, _ = lineage_cli(capsys, "show", f"{MODEL}#production", "--root", str(project))
+    assert code == 0 and "stages: production" in out
+    # put the receipt back as the production run wrote it
+    assert run_publish(project).returncode == 0 and receipt(project)["path"] == f"registry/{MODEL}/1.0.0"
+
+
+@pytest.mark.slow
 def test_show_prints_the_chain_through_every_stage_to_the_raw_source(project, capsys):
     code, out, _ = lineage_cli(capsys, "show", MODEL, "--root", str(project))
     assert code == 0
     lines = out.splitlines()
-    for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
+    order = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    for stage in order:
         assert stage in lines, f"stage {stage} missing from show"
+    shown = [ln for ln in lines if ln in order]
+    assert shown == list(reversed(order)), "show walks back from the last stage to the first, in order"
     assert "not on the chain" not in out
     ingest = json.loads((project / "data/01_ingest/ingest.json").read_text())
     assert ingest["sources"][0]["sha256"] in out
