@@ -16,6 +16,7 @@ class StageGraph:
     upstream: dict[str, tuple[str, ...]]  # stage -> stages whose outputs it reads
     metrics: dict[str, tuple[str, ...]]  # stage -> its metrics files, relative to the repo root
     outs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> every output, as metrics
+    always_changed: tuple[str, ...] = ()  # stages DVC runs every time (`always_changed: true`)
 
     def scope(self, target: str | None) -> list[str]:
         """The stages a run up to `target` covers (all of them without a target), in order."""
@@ -67,6 +68,7 @@ def inspect_pipeline(root: str | Path = ".", with_status: bool = True) -> tuple[
             upstream = {names[s]: tuple(sorted(names[d] for d in graph.successors(s) if d in names)) for s in stages}
             metrics = {names[s]: tuple(sorted(o.def_path for o in s.outs if o.metric)) for s in stages}
             outs = {names[s]: tuple(sorted(o.def_path for o in s.outs)) for s in stages}
+            always = tuple(sorted(names[s] for s in stages if s.always_changed))
             changed: set[str] = set()
             if with_status:
                 with repo.lock:
@@ -80,7 +82,7 @@ def inspect_pipeline(root: str | Path = ".", with_status: bool = True) -> tuple[
         cycle = nx.find_cycle(dag)
         raise GraphError(f"dvc.yaml: cycle of {len(cycle)} edges among {len(upstream)} stages: {cycle}")
     order = tuple(nx.lexicographical_topological_sort(dag))
-    return StageGraph(order=order, upstream=upstream, metrics=metrics, outs=outs), changed
+    return StageGraph(order=order, upstream=upstream, metrics=metrics, outs=outs, always_changed=always), changed
 
 
 def plan(graph: StageGraph, changed: set[str], force: bool = False, target: str | None = None) -> list[str]:

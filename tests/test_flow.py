@@ -53,6 +53,21 @@ def test_the_flow_waits_long_enough_for_a_cold_embedded_server():
     assert float(out.stdout.strip()) >= 120
 
 
+def test_stage_output_is_streamed_line_by_line_while_the_command_runs():
+    import time
+
+    from flows.pipeline import streamed
+
+    code = "import sys, time; print('first'); sys.stderr.write('progress 50%\\n'); time.sleep(1.5); print('done')"
+    seen: list[tuple[float, str]] = []
+    start = time.monotonic()
+    rc, output = streamed([sys.executable, "-c", code], str(ROOT), lambda line: seen.append((time.monotonic(), line)))
+    end = time.monotonic()
+    assert rc == 0 and [line for _, line in seen] == ["first", "progress 50%", "done"]
+    assert seen[0][0] - start < end - start - 1.0  # logged before the command ended, not all at the end
+    assert output.splitlines() == ["first", "progress 50%", "done"]
+
+
 def test_graph_is_read_from_dvc_yaml():
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     graph = read_graph(ROOT)

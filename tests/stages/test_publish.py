@@ -246,6 +246,9 @@ def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     card = (folder / "model_card.md").read_text()
     for part in (
         "## Intended use",
+        "## Model",
+        "F1 per label",
+        "Timing noise in that run",
         "## Data",
         "## Metrics",
         "## Limitations",
@@ -256,12 +259,14 @@ def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     ):
         assert part in card, part
 
-    # The card's load snippet runs as written, from the project root, and names one of the labels.
+    # The card's load snippet runs as written, from the project root, quietly, naming a label and its score.
     labels = json.loads((folder / "labels.json").read_text())
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     ran = subprocess.run([sys.executable, "-c", snippet], cwd=project, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-2000:]
-    assert ran.stdout.strip().splitlines()[-1] in labels
+    label, score = ran.stdout.strip().splitlines()[-1].split()
+    assert label in labels and 0.0 < float(score) <= 1.0
+    assert "Removing initializer" not in ran.stderr  # the published graph carries no unused initializer
 
     # The published files alone classify text: the card's recipe on the test rows.
     import onnxruntime as ort
@@ -345,8 +350,9 @@ def test_an_experiment_publishes_to_its_own_registry_never_to_production(project
     assert lineage_cli(capsys, "assign", f"{MODEL}@1.0.0", "--stage", "production", "--root", str(project))[0] == 0
     code, out, _ = lineage_cli(capsys, "show", f"{MODEL}#production", "--root", str(project))
     assert code == 0 and "stages: production" in out
-    # put the receipt back as the production run wrote it
+    # put the copy back: the receipt as the production run wrote it, no stage assigned
     assert run_publish(project).returncode == 0 and receipt(project)["path"] == f"registry/{MODEL}/1.0.0"
+    (project / "registry" / MODEL / "stages.json").unlink()
 
 
 @pytest.mark.slow
