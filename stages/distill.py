@@ -9,7 +9,9 @@ With `distill.teacher_checkpoint` a fine-tuned teacher folder is loaded instead 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from stages.model.training import OptimParams, TrainingParams, finetune, is_main
 from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError, StageError
 from stages.runner.params import from_dict, read_params
+from stages.runtime.onnx import export_onnx, quantize_dynamic_int8
 from stages.storage.atomic import outputs
 
 
@@ -97,6 +100,16 @@ def report(
     }
 
 
+def export_baselines(model: TextClassifier, tokenizer: Any, folder: Path) -> None:
+    """The teacher as `benchmark`'s baselines: exported to ONNX (`teacher.onnx`) and quantized dynamically
+    per channel (`teacher.int8.onnx`), what the usual export-and-quantize tools give. Made here, by the stage
+    that owns the teacher, so they are versioned with it and re-measuring (`dvc repro -f benchmark`) does not
+    export again."""
+    print("distill: exporting the teacher to ONNX (fp32 and INT8 baselines for benchmark)", file=sys.stderr)
+    export_onnx(model, tokenizer, folder / "teacher.onnx", opset=18)
+    quantize_dynamic_int8(folder / "teacher.onnx", folder / "teacher.int8.onnx", per_channel=True)
+
+
 @stage_entrypoint("distill")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.distill --in data/03_augment --clean data/02_clean --out data/04_distill`."""
@@ -114,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     soft = soft_labels(model, tokenizer, train, p.optim.max_length)
     with outputs() as w:
         save(model, tokenizer, labels, w.directory(args.out / "teacher"))
+        export_baselines(model, tokenizer, w.directory(args.out / "onnx"))
         w.parquet(args.out / "soft_labels.parquet", soft)
         w.json(args.out / "metrics.json", metrics)
         w.json(args.out / "timings.json", {"training": timings})

@@ -76,19 +76,47 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
     return {"peak_mb": round(peak, 1), "model_mb": round(max(0.0, peak - before), 1)}
 
 
-def peak_memory(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """`probe` of each spec, each in a fresh Python process."""
-    code = "import json, sys; from stages.runtime.memory import probe; print(json.dumps(probe(json.load(sys.stdin))))"
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    out = {}
-    for name, spec in specs.items():
+class Probes:
+    """Probes running in fresh processes: `start` launches one and returns at once, `results` waits for all.
+    A probe may run while the parent does untimed work (exporting models); never while it times anything."""
+
+    CODE = "import json, sys; from stages.runtime.memory import probe; print(json.dumps(probe(json.load(sys.stdin))))"
+
+    def __init__(self) -> None:
+        self.running: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, name: str, spec: dict[str, Any]) -> None:
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         print(f"benchmark: peak memory of {name} (a fresh process)", file=sys.stderr, flush=True)
-        proc = subprocess.run(
-            [sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True, env=env
-        )
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StageError(f"benchmark: memory probe of {name} failed: {tail}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()
+        self.running[name] = proc
+
+    def results(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, proc in self.running.items():
+            assert proc.stdout is not None and proc.stderr is not None
+            stdout, stderr = proc.stdout.read(), proc.stderr.read()
+            if proc.wait() != 0:
+                tail = (stderr.strip().splitlines() or ["no output"])[-1]
+                raise StageError(f"benchmark: memory probe of {name} failed: {tail}")
+            out[name] = json.loads(stdout.strip().splitlines()[-1])
+        self.running = {}
+        return out
+
+
+def peak_memory(specs: dict[str, dict[str, Any]], started: Probes | None = None) -> dict[str, dict[str, float]]:
+    """`probe` of each spec, each in a fresh Python process, one after another; with the results of the
+    probes `started` earlier (waited for first)."""
+    out = started.results() if started is not None else {}
+    for name, spec in specs.items():
+        if name in out:
+            continue
+        one = Probes()
+        one.start(name, spec)
+        out.update(one.results())
     return out
