@@ -216,7 +216,9 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
     result = []
     for name in scope:
         row = rows[name]
-        row["metrics"] = read_metrics(base, graph.metrics.get(name, ()))
+        # a stage's DVC metrics, else its metrics.json (an output kept out of `dvc exp show`'s columns)
+        shown = graph.metrics.get(name) or tuple(o for o in graph.outs.get(name, ()) if o.endswith("metrics.json"))
+        row["metrics"] = read_metrics(base, shown)
         result.append(row)
     table = markdown_table(result)
     logger.info("pipeline run:\n%s", table)

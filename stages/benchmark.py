@@ -88,7 +88,7 @@ from stages.storage.hashing import sha256_file
 
 @dataclass(frozen=True)
 class BenchmarkParams:
-    time_budget_s: float = 20.0  # seconds of batch-1 timing for all variants together
+    time_budget_s: float = 15.0  # seconds of batch-1 timing for all variants together
     rounds: int = 10  # ...taken in this many interleaved rounds over all variants
     throughput_batches: int = 4  # batches of 32 and of 64 timed per variant
     memory: bool = True  # peak memory per variant (a fresh process each)
