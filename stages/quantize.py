@@ -316,10 +316,13 @@ def quantize(
     calib_texts = TokenizedTexts(tokenizer, calib["text"].to_list(), rt.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
+        print(f"quantize: exporting to ONNX (opset {p.opset}) and checking parity with PyTorch", file=sys.stderr)
         export_form = export_onnx(model, tokenizer, fp32, p.opset)
         parity_texts = TokenizedTexts(tokenizer, val["text"].to_list()[: p.parity_rows], rt.max_length)
         worst = check_parity(model, fp32, parity_texts, p.parity_tolerance)
         qat_data = (train, val, labels) if p.qat and train is not None else None
+        print(f"quantize: INT8 variants {', '.join(p.variants)}{' + qat' if p.qat else ''} "
+              f"(static calibrates on {calib.height} validation rows)", file=sys.stderr)  # fmt: skip
         made, qat = make_variants(model, tokenizer, fp32, calib_texts, qat_data, p, rt)
         frontier, sessions = frontier_of({"fp32": fp32, **made}, val_texts, truth, len(labels), rt.threads)
         timings = {**time_variants(sessions, val_texts, p, rt.threads), **({"qat": qat["timings"]} if qat else {})}
