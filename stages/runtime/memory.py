@@ -92,16 +92,16 @@ class Probes:
         proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(spec))
+        proc.stdin.write(json.dumps(spec))  # the child reads all of it first, before it writes anything
         proc.stdin.close()
+        proc.stdin = None  # written and closed: `communicate` reads the output only
         self.running[name] = proc
 
     def results(self) -> dict[str, dict[str, float]]:
         out = {}
         for name, proc in self.running.items():
-            assert proc.stdout is not None and proc.stderr is not None
-            stdout, stderr = proc.stdout.read(), proc.stderr.read()
-            if proc.wait() != 0:
+            stdout, stderr = proc.communicate()  # reads both pipes together: a chatty probe cannot block
+            if proc.returncode != 0:
                 tail = (stderr.strip().splitlines() or ["no output"])[-1]
                 raise StageError(f"benchmark: memory probe of {name} failed: {tail}")
             out[name] = json.loads(stdout.strip().splitlines()[-1])
@@ -109,13 +109,10 @@ class Probes:
         return out
 
 
-def peak_memory(specs: dict[str, dict[str, Any]], started: Probes | None = None) -> dict[str, dict[str, float]]:
-    """`probe` of each spec, each in a fresh Python process, one after another; with the results of the
-    probes `started` earlier (waited for first)."""
-    out = started.results() if started is not None else {}
+def peak_memory(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """`probe` of each spec, each in a fresh Python process, one after another."""
+    out: dict[str, dict[str, float]] = {}
     for name, spec in specs.items():
-        if name in out:
-            continue
         one = Probes()
         one.start(name, spec)
         out.update(one.results())
