@@ -57,10 +57,16 @@ class Record:
 
     @classmethod
     def read(cls, path: Path) -> Self:
-        """The record in a JSON file; a missing file is a StageError naming it."""
+        """The record in a JSON file; a missing, invalid or wrongly shaped file is a StageError naming it."""
         if not path.is_file():
             raise StageError(f"{path}: not found")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # invalid JSON or not UTF-8
+            raise StageError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise StageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, str(path))
 
 
 def _plain(value: Any) -> Any:

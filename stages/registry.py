@@ -78,7 +78,7 @@ class Lineage(Record):
 
 
 def check_model_name(name: Any, key: str = "publish.model") -> str:
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):  # fullmatch: `$` would let 'name\n' by
         raise ParamError(f"{key}: {name!r} must be lowercase letters, digits and dashes")
     return name
 
@@ -87,7 +87,7 @@ def check_version(version: Any, key: str = "publish.version") -> str:
     """A version name that is safe as one folder name: `x.y.z` only (no `..`, no `/`)."""
     if not isinstance(version, str) or ".." in version or "/" in version or "\\" in version:
         raise ParamError(f"{key}: {version!r} is not a version name (a path separator or '..' is refused)")
-    if not VERSION.match(version):
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
         raise ParamError(f"{key}: {version!r} is not a version x.y.z (e.g. 1.0.0)")
     return version
 
@@ -100,12 +100,20 @@ def version_key(v: str) -> tuple[int, ...]:
 
 
 def read_sums(folder: Path) -> dict[str, str]:
-    """`SHA256SUMS` of a version: relative path -> digest."""
+    """`SHA256SUMS` of a version: relative path -> digest; a file that is not one is a RegistryError."""
+    path = folder / SUMS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot be read as a SHA256SUMS file ({exc.__class__.__name__})") from exc
     sums = {}
-    for line in (folder / SUMS).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         digest, _, name = line.partition("  ")
-        if name:
-            sums[name] = digest
+        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not name:
+            raise RegistryError(f"{path}: line {number} is not '<sha256>  <path>': {line[:80]!r}")
+        sums[name] = digest
     return sums
 
 
@@ -139,7 +147,12 @@ def versions(model_dir: Path) -> list[str]:
     """Complete versions of one model (a folder named x.y.z holding SHA256SUMS), oldest first."""
     if not model_dir.is_dir():
         return []
-    found = [d.name for d in model_dir.iterdir() if VERSION.match(d.name) and (d / SUMS).is_file()]
+    # A symlink is never a version: a version is a folder publish wrote in place, not a pointer elsewhere.
+    found = [
+        d.name
+        for d in model_dir.iterdir()
+        if VERSION.fullmatch(d.name) and not d.is_symlink() and d.is_dir() and (d / SUMS).is_file()
+    ]
     return sorted(found, key=version_key)
 
 
@@ -175,7 +188,7 @@ def stages_of(model_dir: Path, version: str) -> list[str]:
 def assign(model_dir: Path, stage: str, version: str, note: dict[str, Any] | None = None) -> int:
     """Point `stage` at `version` (which must exist), atomically; returns the assignment's number for this
     stage (1, 2, ...: GTO's `<model>#<stage>#<n>` tag number). `note` (who, why) goes into the history."""
-    if not isinstance(stage, str) or not STAGE_NAME.match(stage):
+    if not isinstance(stage, str) or not STAGE_NAME.fullmatch(stage):
         raise RegistryError(f"stage {stage!r}: lowercase letters, digits, '-' and '_', starting with a letter")
     check_version(version, "version")
     if version not in versions(model_dir):
@@ -208,7 +221,7 @@ def resolve(registry: Path, spec: str) -> Path:
     version = version.removeprefix("v")
     if not model or "/" in model or ".." in model:
         raise RegistryError(f"{spec!r}: not a model name")
-    if version and ("/" in version or ".." in version or not VERSION.match(version)):
+    if version and ("/" in version or ".." in version or not VERSION.fullmatch(version)):
         raise RegistryError(f"{spec!r}: {version!r} is not a version x.y.z (a path separator or '..' is refused)")
     found = versions(registry / model)
     if not found:

@@ -30,7 +30,16 @@ from stages.publish import (
     weakest_label_line,
 )
 from stages.records import BenchmarkResults, BenchmarkTimings, Latency, Percentiles, VariantResult, VariantTiming
-from stages.registry import Draft, RegistryError, assign, check_version, read_stages, read_sums, resolve
+from stages.registry import (
+    Draft,
+    RegistryError,
+    assign,
+    check_version,
+    read_lineage,
+    read_stages,
+    read_sums,
+    resolve,
+)
 from stages.runner.errors import ParamError, StageError
 from tests.conftest import copy_project, dvc
 
@@ -459,3 +468,35 @@ def test_new_content_gets_a_new_version_an_existing_one_is_never_overwritten_and
     assert snapshot(project / "registry" / MODEL / "1.0.0") == first
     assert git(project, "cat-file", "-t", f"{MODEL}@v2.0.0").stdout.strip() == "tag"  # annotated, as GTO reads
     assert "Stage 'publish' didn't change, skipping" in dvc(project, "repro", "publish").stdout
+
+
+def test_crafted_names_symlinked_versions_and_damaged_records_are_refused_clearly(tmp_path):
+    """Names ending in a newline (`$` matches before it), a symlinked version folder, a SHA256SUMS that is
+    not one and an invalid lineage.json: each refused or reported as a RegistryError, never a traceback."""
+    for bad in ("1.0.0\n", "2.0.0\n"):
+        with pytest.raises(ParamError, match="publish.version"):
+            PublishParams(version=bad)
+    with pytest.raises(ParamError, match="publish.model"):
+        PublishParams(model="distillery-intent\n")
+    registry = tmp_path / "registry"
+    with Draft(registry / "m") as draft:
+        draft.add("model.onnx", b"weights")
+        folder = draft.commit("1.0.0")
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "SHA256SUMS").write_text("")
+    (registry / "m" / "2.0.0").symlink_to(forged, target_is_directory=True)
+    assert resolve(registry, "m") == folder  # the symlink is not a version
+    with pytest.raises(RegistryError, match="not in"):
+        resolve(registry, "m@2.0.0")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "SHA256SUMS").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(RegistryError, match="cannot be read as a SHA256SUMS"):
+        read_sums(damaged)
+    (damaged / "SHA256SUMS").write_text("deadbeef model.onnx\n")
+    with pytest.raises(RegistryError, match="line 1"):
+        read_sums(damaged)
+    (damaged / "lineage.json").write_text("{not json")
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        read_lineage(damaged)
