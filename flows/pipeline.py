@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.logging import get_run_logger  # noqa: E402
 
 from flows.dag import GraphError, inspect_pipeline, plan  # noqa: E402
+from flows.reproduce import hashes, read_lock  # noqa: E402
 
 ARTIFACT_KEY = "distillery-pipeline"
 PUBLISH_ARTIFACT_KEY = "distillery-publish"
@@ -103,14 +104,11 @@ def check_params(root: str) -> None:
 
 
 def lock_outs(root: Path) -> dict[str, Any]:
-    """Each stage's outputs as dvc.lock records them (path and hash): a stage whose entry is the same after
-    it ran wrote the same bytes, and what depends only on it is up to date."""
-    path = root / "dvc.lock"
-    if not path.is_file():
+    """Each stage's outputs as dvc.lock records them (path -> hash): a stage whose entry is the same after
+    it ran wrote the same bytes, and what depends only on it is up to date. Empty before the first run."""
+    if not (root / "dvc.lock").is_file():
         return {}
-    stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
-    return {name: [(o.get("path"), o.get("md5") or o.get("hash")) for o in entry.get("outs") or []]
-            for name, entry in stages.items()}  # fmt: skip
+    return {name: hashes(entry, "outs") for name, entry in read_lock(root).items()}
 
 
 def read_metrics(root: Path, paths: tuple[str, ...]) -> str:
