@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stages.runner import guard
 from stages.runner.errors import StageError
 from stages.runner.openlineage import stage_run
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:  # polars is imported where frames are read: `fingerprint` (ru
     import polars as pl
 
 Main = Callable[[list[str] | None], int]
+RESOURCE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
 
 def stage_args(
@@ -63,8 +66,10 @@ def stage_entrypoint(name: str) -> Callable[[Main], Main]:
     def wrap(main: Main) -> Main:
         @wraps(main)
         def run(argv: list[str] | None = None) -> int:
+            run = None
             try:
                 with stage_run(name) as events:
+                    run = guard.guard(name, argv)  # leftovers, inputs against dvc.lock, params (under DVC)
                     code = main(argv)
                     if events is not None and code:
                         events.finish(f"exit code {code}")
@@ -72,6 +77,16 @@ def stage_entrypoint(name: str) -> Callable[[Main], Main]:
             except StageError as exc:  # the FAIL event was sent by stage_run as the exception left it
                 print(f"{name}: error: {exc}", file=sys.stderr)
                 return 1
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRORS:
+                    raise
+                # disk full, file too large, no permission, read-only: the machine's fault, named; the atomic
+                # outputs were discarded, so nothing half-written is left
+                where = f"{exc.filename}: " if exc.filename else ""
+                print(f"{name}: error: {where}{exc.strerror or exc}; nothing was written", file=sys.stderr)
+                return 1
+            finally:
+                guard.finish(run)
 
         return run
 

@@ -18,6 +18,24 @@ if TYPE_CHECKING:  # imported by `Outputs.parquet` only: stages that write no fr
     import polars as pl
 
 
+_COMMIT_CHECKS: list[Callable[[], None]] = []
+
+
+def before_commit(check: Callable[[], None]) -> None:
+    """Run `check()` before any output is renamed into place (the stage runner's params check); an exception
+    it raises discards the outputs instead."""
+    _COMMIT_CHECKS.append(check)
+
+
+def clear_commit_checks() -> None:
+    _COMMIT_CHECKS.clear()
+
+
+def run_commit_checks() -> None:
+    for check in _COMMIT_CHECKS:
+        check()
+
+
 def dumps_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, fixed indentation, trailing newline."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -43,9 +61,13 @@ class Outputs:
     def file(self, target: str | Path, write: Callable[[Path], None]) -> None:
         """Call `write(tmp_path)`, to be renamed onto `target` at commit."""
         tmp = self._tmp_for(Path(target))
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError as exc:  # disk full, file too large: name the output, not the temporary name
+            exc.filename = str(target)
+            raise
 
     def directory(self, target: str | Path) -> Path:
         """Return an empty temporary folder whose content replaces `target` at commit."""
@@ -62,6 +84,7 @@ class Outputs:
         self.file(target, lambda p: frame.write_parquet(p, compression="zstd", compression_level=3))
 
     def commit(self) -> None:
+        run_commit_checks()
         # mkstemp/mkdtemp create private files; outputs get the usual permissions under the umask.
         umask = os.umask(0)
         os.umask(umask)
@@ -98,10 +121,10 @@ def outputs() -> Iterator[Outputs]:
     out = Outputs()
     try:
         yield out
+        out.commit()
     except BaseException:
         out.discard()
         raise
-    out.commit()
 
 
 def fsync_tree(folder: Path) -> None:
