@@ -50,14 +50,23 @@ from stages.registry import (
     Draft,
     Lineage,
     RuntimeRecord,
+    Signing,
+    append_index,
     check_model_name,
+    check_registry_path,
     check_version,
+    contained,
     existing_versions,
+    file_sums,
+    folders,
+    index_entry,
+    locked,
     next_version,
     payload_digest,
     payload_sums,
     read_sums,
     record_text,
+    start_index,
     version_key,
 )
 from stages.runner.cli import require, stage_args, stage_entrypoint
@@ -118,12 +127,15 @@ class PublishParams:
     # Variants within max(this, twice the noise benchmark measured) end to end count as equally fast (the
     # more accurate wins): timing noise cannot change what is published.
     latency_margin: float = 0.05
+    signing: dict[str, str] = field(default_factory=dict)  # see stages.registry.Signing
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
         for key in ("registry", "experiment_registry"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
-                raise ParamError(f"publish.{key} must be a folder path")
+            check_registry_path(getattr(self, key), f"publish.{key}")
+        if not isinstance(self.signing, dict):
+            raise ParamError("publish.signing must be a mapping (method, private_key, password_env, public_key)")
+        from_dict(Signing, self.signing, "publish.signing")
         if self.version != "auto":
             check_version(self.version)
         if not isinstance(self.tag, bool):
@@ -135,6 +147,10 @@ class PublishParams:
             raise ParamError(f"publish.latency_margin must be a number, got {self.latency_margin!r}")
         if not 0 <= self.latency_margin < 1:
             raise ParamError(f"publish.latency_margin must be in [0, 1), got {self.latency_margin}")
+
+    @property
+    def sign(self) -> Signing:
+        return from_dict(Signing, self.signing, "publish.signing")
 
     @property
     def gate_limits(self) -> Gates:
@@ -588,28 +604,47 @@ def choose_version(existing: dict[str, str], digest: str, p: PublishParams, mode
                   file=sys.stderr)  # fmt: skip
         return same[-1], False
     version = next_version(existing, p.version)
-    if version in existing or (model_dir / version).exists():
+    if version in existing or (model_dir / version).exists() or (model_dir / version).is_symlink():
         raise StageError(
-            f"publish.version: {model_dir / version} exists with other content; a version is never "
-            "overwritten (set publish.version: auto or a new x.y.z)"
+            f"publish.version: {model_dir / version} exists (with other content, or not in the registry's index); "
+            "a version is never overwritten (set publish.version: auto or a new x.y.z, or move the folder away)"
         )
     return version, True
+
+
+def adopt_unindexed(model_dir: Path, digest: str) -> str | None:
+    """A publish killed between renaming its version into place and indexing it leaves a complete, unindexed
+    folder: if one holds exactly this content and its SHA256SUMS hold, index it (the rerun finishes the
+    publish); returns its version."""
+    indexed = set(existing_versions(model_dir))
+    for version in folders(model_dir):
+        folder = model_dir / version
+        if version in indexed or payload_digest(read_sums(folder)) != digest:
+            continue
+        if file_sums(folder) == read_sums(folder):
+            append_index(model_dir, index_entry(folder))
+            print(f"publish: indexed {version}, left complete but unindexed by an interrupted publish", file=sys.stderr)
+            return version
+    return None
 
 
 def publish(root: Path, r: Release, p: PublishParams, base: Path | None = None,
             experiment: str | None = None) -> tuple[str, Path, bool]:  # fmt: skip
     """Add the release to the registry `base / p.registry` (base: the repository) as a new version, or find the
-    version that holds its content. Returns (version, its folder, whether this call wrote it)."""
-    model_dir = (base or root) / p.registry / p.model
-    existing = existing_versions(model_dir)
-    with Draft(model_dir) as draft:
+    version that holds its content. Returns (version, its folder, whether this call wrote it). One publisher
+    per model at a time: a second waits, then finds the first one's version if the content is the same."""
+    base = base or root
+    model_dir = contained(base, base / p.registry / p.model)
+    with locked(model_dir), Draft(model_dir) as draft:
+        start_index(model_dir)
         # The payload first: it decides whether this content is already published.
         draft.add(r.runtime.file, r.source)
         draft.add("tokenizer", r.tokenizer)
         draft.add("labels.json", r.labels_file)
         draft.add("runtime.json", record_text(r.runtime))
         payload = draft.sums()
-        version, new = choose_version(existing, draft.digest(), p, model_dir)
+        adopt_unindexed(model_dir, draft.digest())
+        version, new = choose_version(existing_versions(model_dir), draft.digest(), p, model_dir)
         if p.tag:
             tag_precheck(root, f"{p.model}@v{version}")
         if not new:
@@ -620,7 +655,7 @@ def publish(root: Path, r: Release, p: PublishParams, base: Path | None = None,
                     r.decision.gates, r.fingerprint, r.runtime, lineage.git, lineage.content_digest)  # fmt: skip
         draft.add("lineage.json", record_text(lineage))
         draft.add("model_card.md", model_card(card))
-        return version, draft.commit(version), True
+        return version, draft.commit(version, p.sign), True
 
 
 def tag_precheck(root: Path, tag: str) -> bool:

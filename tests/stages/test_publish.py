@@ -44,6 +44,7 @@ from stages.runner.errors import ParamError, StageError
 from tests.conftest import copy_project, dvc
 
 MODEL = "distillery-intent"
+REGISTRY_FILES = [".lock", "1.0.0", "index.jsonl"]  # the publishers' lock, one version, the index: nothing left over
 
 
 def git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -184,7 +185,7 @@ def test_a_draft_version_is_written_whole_or_not_at_all(tmp_path):
         draft.add("model.onnx", b"other")
         with pytest.raises(StageError, match="never overwritten"):
             draft.commit("1.0.0")
-    assert [p.name for p in model_dir.iterdir()] == ["1.0.0"]  # the failed draft left nothing behind
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1.0.0", "index.jsonl"]  # the failed draft left nothing
 
 
 def test_a_stage_points_at_a_version_with_its_history_and_resolves_by_name(tmp_path):
@@ -305,7 +306,7 @@ def test_publishing_identical_content_again_reports_the_existing_version(project
     assert "publish: existing distillery-intent@1.0.0" in again.stdout + again.stderr
     r = receipt(project)
     assert r["version"] == "1.0.0"
-    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == ["1.0.0"]
+    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == [".lock", "1.0.0", "index.jsonl"]
     assert snapshot(project / "registry") == before
 
 
@@ -323,7 +324,7 @@ def test_a_failed_gate_exits_naming_it_and_leaves_the_registry_as_it_was(project
     assert "publish: error: no variant passes publish.gates, registry untouched" in proc.stderr
     assert "max_size_mb measured" in proc.stderr and "(limit 0.01)" in proc.stderr
     assert snapshot(project / "registry") == before
-    assert [p.name for p in (project / "registry" / MODEL).iterdir()] == ["1.0.0"]  # no temporary left
+    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == REGISTRY_FILES  # no temporary left
     # The failed run is in the OpenLineage log as a FAIL event carrying the message.
     events = [json.loads(x) for x in (project / "lineage/openlineage.jsonl").read_text().splitlines()]
     last = [e for e in events if e["job"]["name"] == "publish"][-2:]
@@ -457,7 +458,7 @@ def test_new_content_gets_a_new_version_an_existing_one_is_never_overwritten_and
     set_params(project, "publish", version="1.0.0", gates=gates)
     refused = dvc(project, "repro", check=False)
     assert refused.returncode != 0 and "exists with other content" in refused.stdout + refused.stderr
-    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == ["1.0.0"]
+    assert sorted(p.name for p in (project / "registry" / MODEL).iterdir()) == [".lock", "1.0.0", "index.jsonl"]
     # The next major version, tagged.
     set_params(project, "publish", version="auto", tag=True)
     git(project, "commit", "-q", "-am", "per-tensor INT8")
