@@ -1,12 +1,16 @@
 """Stage `clean`: normalize, filter, deduplicate, remove leakage, split off validation, validate with GE.
 
-Rows that break a row-level rule go to `quarantine.parquet` with the rule's name. When a dataset-level
-expectation fails, or too many rows are quarantined, the stage exits non-zero and writes no clean
-split; the validation report (and the quarantine) are still written for inspection.
+Rows that break a row-level rule go to `quarantine.parquet` with the rule's name (RULES), and so do the rows
+removed as copies, with why (REMOVED: duplicate, near_duplicate, leakage, near_leakage): every input row is
+either in a clean split or in the quarantine. Only the first kind counts toward `max_quarantine_fraction`.
+When a dataset-level expectation fails, or too many rows are quarantined, the stage exits non-zero and writes
+no clean split; the validation report (and the quarantine) are still written for inspection.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from stages.data.dataset import conform, split
-from stages.data.neardup import near_duplicate_pairs
+from stages.data.neardup import WORD, near_duplicate_pairs, typo_pairs
 from stages.data.text import dedup_key, normalize
 from stages.data.validation import (
     Check,
@@ -29,7 +33,23 @@ from stages.runner.params import read_params
 from stages.storage.atomic import outputs
 
 CLEAN_OUTPUTS = ("train.parquet", "val.parquet", "test.parquet", "labels.json", "clean.json")
-RULES = ("null_text", "null_label", "empty_text", "too_long", "conflicting_labels")
+RULES = (
+    "null_text",
+    "null_label",
+    "empty_text",
+    "bad_label",
+    "invalid_utf8",
+    "control_chars",
+    "too_long",
+    "markup",
+    "no_letters",
+    "conflicting_labels",
+    "rare_label",
+)
+# HTML/XML tags (`<script>`, `</div>`, `<!-- -->`, `<img onerror=...>`) and script URLs: pasted page source or an
+# injection attempt, never a user's query. A bare `<` ("< 5 euros") does not count.
+MARKUP = r"(?i)<\s*/?\s*[a-z!][^<>]*>|javascript\s*:|\{\{.*\}\}|\$\{.*\}"
+CONTROL = r"[\x00-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]"
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,8 @@ class CleanParams:
     seed: int = 0
     min_per_label: int = 5  # fewer training rows than this for a label fails validation
     max_quarantine_fraction: float = 0.05  # more bad rows than this means the source is broken: fail closed
+    max_label_chars: int = 64  # a longer label is a text pasted into the label column, not a class name
+    typo_min_chars: int = 12  # texts this long that differ by one typo are near-duplicates; 0 = off
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_chars, int) or self.max_chars < 1:
@@ -54,6 +76,12 @@ class CleanParams:
             raise ParamError(f"clean.val_size must be in (0, 1), got {self.val_size}")
         if not isinstance(self.min_per_label, int) or self.min_per_label < 1:
             raise ParamError(f"clean.min_per_label must be a positive integer, got {self.min_per_label!r}")
+        for key in ("max_label_chars", "typo_min_chars"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "max_label_chars" else 0):
+                raise ParamError(
+                    f"clean.{key} must be an integer >= {1 if key == 'max_label_chars' else 0}, got {value!r}"
+                )
         if not 0.0 <= float(self.max_quarantine_fraction) <= 1.0:
             raise ParamError(f"clean.max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction}")
 
@@ -72,31 +100,106 @@ def apply_rules(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
     """Normalize text and name the first row-level rule each row breaks (null `rule` when none)."""
     norm = normalize(pl.col("text"), p.lowercase)
     frame = frame.with_columns(pl.col("text").alias("raw_text"), norm.alias("text"))
+    label = pl.col("label")
     rule = (
         pl.when(pl.col("raw_text").is_null())
         .then(pl.lit("null_text"))
-        .when(pl.col("label").is_null())
+        .when(label.is_null())
         .then(pl.lit("null_label"))
         .when(pl.col("text").str.len_chars() == 0)
         .then(pl.lit("empty_text"))
+        .when(
+            (label.str.strip_chars().str.len_chars() == 0)
+            | (label.str.len_chars() > p.max_label_chars)
+            | label.str.contains(CONTROL)
+            | label.str.contains("\ufffd", literal=True)
+        )
+        .then(pl.lit("bad_label"))
+        .when(pl.col("raw_text").str.contains("\ufffd", literal=True))
+        .then(pl.lit("invalid_utf8"))
+        # NUL or ESC: binary or terminal output (`\x1b[0m`), not typed text; other controls become spaces
+        .when(pl.col("raw_text").str.contains(r"[\x00\x1b]"))
+        .then(pl.lit("control_chars"))
         .when(pl.col("text").str.len_chars() > p.max_chars)
         .then(pl.lit("too_long"))
+        .when(pl.col("text").str.contains(MARKUP))
+        .then(pl.lit("markup"))
+        .when(~pl.col("text").str.contains(r"\p{L}"))
+        .then(pl.lit("no_letters"))
         .otherwise(pl.lit(None, pl.String))
     )
     frame = frame.with_columns(rule.alias("rule"), dedup_key(pl.col("text")).alias("key"))
-    # Same text under different labels: no model can get both right, and neither label can be trusted.
-    conflicts = (
-        frame.filter(pl.col("rule").is_null())
-        .group_by("key")
-        .agg(pl.col("label").n_unique().alias("n"))
-        .filter(pl.col("n") > 1)["key"]
+    return frame.with_columns(conflict_rule(frame).alias("rule"))
+
+
+def conflict_rule(frame: pl.DataFrame) -> pl.Series:
+    """The same text under different labels: no model can get both right, so one label is kept and the rows
+    with the others are quarantined as conflicting_labels. The label is, in this order: the one the text's words
+    point to in the rest of the data (a naive Bayes vote, by a clear margin); the one most distinct spellings of
+    the text carry (exact copies add no vote: a pasted row repeated is still one claim); the label of the
+    earliest row (datasets grow by appending, so the first label a text got is the original)."""
+    ok = frame.filter(pl.col("rule").is_null())
+    groups = ok.group_by("key").agg(pl.col("label").unique().alias("labels")).filter(pl.col("labels").list.len() > 1)
+    if groups.height == 0:
+        return frame["rule"]
+    conflicted = set(groups["key"].to_list())
+    words = WordVotes(ok.filter(~pl.col("key").is_in(list(conflicted))))
+    losers: set[tuple[str, str]] = set()
+    for key, rows in ok.filter(pl.col("key").is_in(list(conflicted))).sort("id").group_by("key", maintain_order=True):
+        spellings = Counter(label for label, _ in set(zip(rows["label"], rows["raw_text"], strict=True)))
+        ranked = spellings.most_common()
+        winner = words.decide(key[0], [label for label, _ in ranked])
+        if winner is None:
+            winner = ranked[0][0] if ranked[0][1] > ranked[1][1] else rows["label"][0]
+        losers.update((key[0], label) for label in spellings if label != winner)
+    lost = pl.struct("key", "label").map_elements(
+        lambda r: (r["key"], r["label"]) in losers, return_dtype=pl.Boolean, skip_nulls=False
     )
-    return frame.with_columns(
-        pl.when(pl.col("rule").is_null() & pl.col("key").is_in(conflicts.implode()))
+    return frame.select(
+        pl.when(pl.col("rule").is_null() & pl.col("key").is_in(list(conflicted)) & lost)
         .then(pl.lit("conflicting_labels"))
         .otherwise(pl.col("rule"))
-        .alias("rule")
-    )
+    ).to_series()
+
+
+class WordVotes:
+    """Which label a text's words point to in the other rows: naive Bayes with add-one smoothing."""
+
+    MARGIN = math.log(4)  # the winner must be 4x as likely as the runner-up
+
+    def __init__(self, rows: pl.DataFrame) -> None:
+        self.by_label: dict[str, Counter[str]] = defaultdict(Counter)
+        for text, label in rows.select("key", "label").iter_rows():
+            self.by_label[label].update(WORD.findall(text))
+        self.vocab = len({w for c in self.by_label.values() for w in c}) + 1
+        self.rows = Counter(rows["label"].to_list())
+
+    def decide(self, text: str, labels: list[str]) -> str | None:
+        words = WORD.findall(text)
+        scores = []
+        for label in labels:
+            counts, total = self.by_label.get(label, Counter()), sum(self.by_label.get(label, Counter()).values())
+            prior = math.log(self.rows.get(label, 0) + 1)
+            scores.append((prior + sum(math.log((counts[w] + 1) / (total + self.vocab)) for w in words), label))
+        scores.sort(reverse=True)
+        return scores[0][1] if scores[0][0] - scores[1][0] >= self.MARGIN else None
+
+
+def rare_labels(train: pl.DataFrame, p: CleanParams) -> set[str]:
+    """Labels whose distinct clean training texts cannot leave `min_per_label` rows after the validation split:
+    too few to learn or to check; their rows are quarantined (rare_label) rather than failing the stage."""
+    counts = train.filter(pl.col("rule").is_null()).group_by("label").agg(pl.col("key").n_unique().alias("n"))
+    rare = set()
+    for label, n in counts.iter_rows():
+        held = min(n - 1, max(1, round(n * p.val_size))) if n >= 2 else 0
+        if n - held < p.min_per_label:
+            rare.add(label)
+    return rare
+
+
+def mark_rare(frame: pl.DataFrame, rare: set[str]) -> pl.DataFrame:
+    hit = pl.col("rule").is_null() & pl.col("label").is_in(sorted(rare))
+    return frame.with_columns(pl.when(hit).then(pl.lit("rare_label")).otherwise(pl.col("rule")).alias("rule"))
 
 
 def drop_exact_duplicates(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -110,54 +213,76 @@ def near_duplicates(
 ) -> tuple[set[str], set[str], list[list[str]]]:
     """Train ids to drop as near-duplicates of an earlier train row, as near-copies of a test row, and
     the near-duplicate train pairs that carry different labels (reported, kept)."""
-    if p.near_dup_threshold >= 1.0:
-        return set(), set(), []
     texts = train["key"].to_list() + test["key"].to_list()
     ids = train["id"].to_list() + test["id"].to_list()
     labels = train["label"].to_list() + test["label"].to_list()
     n_train = train.height
     dup, leak, label_conflicts = set(), set(), []
-    for i, j, _ in near_duplicate_pairs(texts, p.near_dup_threshold, p.shingle_size, seed=p.seed):
+    pairs: set[tuple[int, int]] = set()
+    if p.near_dup_threshold < 1.0:
+        pairs = {(i, j) for i, j, _ in near_duplicate_pairs(texts, p.near_dup_threshold, p.shingle_size, seed=p.seed)}
+    if p.typo_min_chars:
+        pairs |= set(typo_pairs(texts, p.typo_min_chars))
+    for i, j in sorted(pairs):
         if i < n_train <= j:
             leak.add(ids[i])
         elif j < n_train:
             if labels[i] != labels[j]:
                 label_conflicts.append([ids[i], ids[j]])
-            elif ids[i] not in dup:
+            else:  # the later row goes, also when the earlier one went too: chains of copies keep their first
                 dup.add(ids[j])
     return dup - leak, leak, label_conflicts
 
 
-def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Cleaned:
-    """Pure core: cleaned train/val/test, the quarantine, label ids and per-step counts."""
-    train_r, test_r = apply_rules(train_in, p), apply_rules(test_in, p)
-    quarantine = (
-        pl.concat(
-            [
-                f.filter(pl.col("rule").is_not_null()).with_columns(pl.lit(s).alias("split"))
-                for s, f in (("train", train_r), ("test", test_r))
-            ]
-        )
+REMOVED = ("duplicate", "near_duplicate", "leakage", "near_leakage")  # rows dropped as copies, not as bad
+
+
+def removed_rows(frame: pl.DataFrame, ids: set[str], split: str, reason: str) -> pl.DataFrame:
+    return (
+        frame.filter(pl.col("id").is_in(sorted(ids)))
+        .with_columns(pl.lit(split).alias("split"), pl.lit(reason).alias("rule"))
         .select("id", pl.col("raw_text").alias("text"), "label", "group", "split", "rule")
-        .sort("split", "id")
     )
+
+
+def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Cleaned:
+    """Pure core: cleaned train/val/test, the quarantine (bad rows with the rule they break, and the copies
+    removed with why), label ids and per-step counts."""
+    train_r, test_r = apply_rules(train_in, p), apply_rules(test_in, p)
+    rare = rare_labels(train_r, p)
+    train_r, test_r = mark_rare(train_r, rare), mark_rare(test_r, rare)
+    bad = pl.concat(
+        [
+            f.filter(pl.col("rule").is_not_null()).with_columns(pl.lit(s).alias("split"))
+            for s, f in (("train", train_r), ("test", test_r))
+        ]
+    ).select("id", pl.col("raw_text").alias("text"), "label", "group", "split", "rule")
     train, test = train_r.filter(pl.col("rule").is_null()), test_r.filter(pl.col("rule").is_null())
+    removed = []
+    for split_name, rows in (("train", train), ("test", test)):
+        kept, _ = drop_exact_duplicates(rows)
+        removed.append(removed_rows(rows, set(rows["id"]) - set(kept["id"]), split_name, "duplicate"))
     train, train_dups = drop_exact_duplicates(train)
     test, test_dups = drop_exact_duplicates(test)
     leaked = train["key"].is_in(test["key"].implode())
     n_leak = int(leaked.sum())
+    removed.append(removed_rows(train, set(train.filter(leaked)["id"]), "train", "leakage"))
     train = train.filter(~leaked)
     near_dup, near_leak, label_conflicts = near_duplicates(train, test, p)
+    removed += [
+        removed_rows(train, near_dup, "train", "near_duplicate"),
+        removed_rows(train, near_leak, "train", "near_leakage"),
+    ]
     train = train.filter(~pl.col("id").is_in(list(near_dup | near_leak)))
     train, val = split(conform(train), p.val_size, p.seed)
     test = conform(test).sort("id")
     labels = {name: i for i, name in enumerate(sorted(train["label"].unique().to_list()))}
     n_in = train_in.height + test_in.height
-    rule_counts = {r: int((quarantine["rule"] == r).sum()) for r in RULES}
+    rule_counts = {r: int((bad["rule"] == r).sum()) for r in RULES}
     report = {
         "rows_in": {"train": train_in.height, "test": test_in.height},
         "quarantined": rule_counts,
-        "quarantine_fraction": round(quarantine.height / n_in, 6) if n_in else 0.0,
+        "quarantine_fraction": round(bad.height / n_in, 6) if n_in else 0.0,
         "exact_duplicates": {"train": train_dups, "test": test_dups},
         "near_duplicates": len(near_dup),
         "near_duplicate_label_conflicts": len(label_conflicts),
@@ -166,6 +291,7 @@ def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Clea
         "rows_out": {"train": train.height, "val": val.height, "test": test.height},
         "labels": len(labels),
     }
+    quarantine = pl.concat([bad, *removed]).sort("split", "id")
     return Cleaned(train.sort("id"), val.sort("id"), test, quarantine, labels, report)
 
 
@@ -176,7 +302,7 @@ def validate(result: Cleaned, p: CleanParams, docs_dir: Path | None) -> Validati
     # Labels that lost every training row still need a row here, with zero, so the check sees them.
     all_labels = sorted(set(labels) | set(result.test["label"].to_list()) | set(result.val["label"].to_list()))
     counts = (
-        pl.DataFrame({"label": all_labels})
+        pl.DataFrame({"label": all_labels}, schema={"label": pl.String})
         .join(counts, on="label", how="left")
         .with_columns(pl.col("train_rows").fill_null(0))
         .sort("label")

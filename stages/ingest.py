@@ -8,6 +8,7 @@ split by group when `ingest.group_column` is set, so no group crosses train and 
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class IngestParams:
     group_column: str | None = None  # rows sharing a group (a document, a user) stay on one side
     test_size: float = 0.2  # share of rows held out when splitting
     seed: int = 0
+    # Bytes that are not UTF-8 (CSV, JSONL): `quarantine` replaces them with U+FFFD and clean quarantines those
+    # rows (rule invalid_utf8), so one bad row cannot sink a dataset; `error` refuses the file, naming the line.
+    invalid_utf8: str = "quarantine"
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -46,6 +50,8 @@ class IngestParams:
             raise ParamError(f"ingest.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not 0.0 < float(self.test_size) < 1.0:
             raise ParamError(f"ingest.test_size must be in (0, 1), got {self.test_size}")
+        if self.invalid_utf8 not in ("quarantine", "error"):
+            raise ParamError(f"ingest.invalid_utf8 must be quarantine or error, got {self.invalid_utf8!r}")
         for key in ("text_column", "label_column"):
             if not getattr(self, key):
                 raise ParamError(f"ingest.{key} must name a column")
@@ -77,23 +83,41 @@ def detect_format(uri: str, fmt: str) -> str:
     return EXTENSIONS[suffix]
 
 
-def decode_utf8(uri: str, data: bytes) -> bytes:
-    """Check the bytes are UTF-8 and drop a byte-order mark; the error names the byte offset and line."""
+def decode_utf8(uri: str, data: bytes, invalid: str = "error") -> bytes:
+    """Check the bytes are UTF-8 and drop a byte-order mark. A byte that is not: with `invalid="error"` an error
+    naming its offset and line; with `"quarantine"` it becomes U+FFFD (clean quarantines the row), and the
+    lines are named on stderr."""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise StageError(f"{uri}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})") from exc
+        where = f"{uri}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})"
+        if invalid == "error":
+            raise StageError(where) from exc
+        bad = [n for n, raw in enumerate(data.split(b"\n"), start=1) if not _is_utf8(raw)]
+        lines = ", ".join(map(str, bad[:10]))
+        print(f"ingest: {where}; {len(bad)} line(s) hold bytes that are not UTF-8 (lines {lines}"
+              f"{' ...' if len(bad) > 10 else ''}): they read as U+FFFD and clean quarantines those rows "
+              "(ingest.invalid_utf8: error refuses the file instead)", file=sys.stderr)  # fmt: skip
+        data = data.decode("utf-8", errors="replace").encode("utf-8")
     return data.removeprefix(b"\xef\xbb\xbf")
 
 
-def parse(uri: str, data: bytes, fmt: str) -> pl.DataFrame:
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def parse(uri: str, data: bytes, fmt: str, invalid_utf8: str = "error") -> pl.DataFrame:
     """Parse bytes of a known format into a frame of strings (no type guessing of the text)."""
     try:
         if fmt == "csv":
-            frame = pl.read_csv(io.BytesIO(decode_utf8(uri, data)), infer_schema=False)
+            frame = pl.read_csv(io.BytesIO(decode_utf8(uri, data, invalid_utf8)), infer_schema=False)
         elif fmt == "jsonl":
-            frame = pl.read_ndjson(io.BytesIO(decode_utf8(uri, data)))
+            frame = pl.read_ndjson(io.BytesIO(decode_utf8(uri, data, invalid_utf8)))
         else:
             frame = pl.read_parquet(io.BytesIO(data))
     except (pl.exceptions.PolarsError, OSError) as exc:
@@ -102,7 +126,7 @@ def parse(uri: str, data: bytes, fmt: str) -> pl.DataFrame:
     return frame
 
 
-def read_source(uri: str, fmt: str) -> Loaded:
+def read_source(uri: str, fmt: str, invalid_utf8: str = "error") -> Loaded:
     """Read a local path or URL through fsspec. The only I/O of this stage's inputs."""
     fmt = detect_format(uri, fmt)
     try:
@@ -112,7 +136,7 @@ def read_source(uri: str, fmt: str) -> Loaded:
         raise StageError(f"{uri}: file not found") from exc
     except (OSError, ValueError) as exc:
         raise StageError(f"{uri}: cannot open: {exc}") from exc
-    return Loaded(uri, fmt, sha256_bytes(data), len(data), parse(uri, data, fmt))
+    return Loaded(uri, fmt, sha256_bytes(data), len(data), parse(uri, data, fmt, invalid_utf8))
 
 
 def to_schema(src: Loaded, tag: str, p: IngestParams) -> pl.DataFrame:
@@ -183,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m stages.ingest --out data/01_ingest`: reads params.yaml[ingest], writes the outputs atomically."""
     args = stage_args("ingest", __doc__, argv, upstream=None)
     p = read_params(IngestParams, "ingest", args.params)
-    source = read_source(p.source, p.format)
-    test = read_source(p.test_source, p.format) if p.separate_test else None
+    source = read_source(p.source, p.format, p.invalid_utf8)
+    test = read_source(p.test_source, p.format, p.invalid_utf8) if p.separate_test else None
     train, test_frame, report = ingest(source, test, p)
     out = args.out
     with outputs() as w:

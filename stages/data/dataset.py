@@ -28,7 +28,8 @@ def split(frame: pl.DataFrame, fraction: float, seed: int) -> tuple[pl.DataFrame
     rng = np.random.default_rng(seed)
     held_ids: set[str] = set()
     if frame["group"].n_unique() == frame.height:
-        for label in sorted(frame["label"].unique().to_list()):
+        # A row without a label stays on the kept side (clean quarantines it): null never sorts with names.
+        for label in sorted(frame["label"].drop_nulls().unique().to_list()):
             ids = frame.filter(pl.col("label") == label)["id"].to_list()
             n = len(ids)
             if n < 2:

@@ -76,3 +76,44 @@ def near_duplicate_pairs(
         if sim >= threshold:
             pairs.append((i, j, sim))
     return pairs
+
+
+def within_one_edit(a: str, b: str) -> bool:
+    """True when `b` is `a` with one character inserted, deleted, replaced, or two neighbours swapped."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(diff) == 1:
+            return True
+        return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = next((k for k in range(len(short)) if short[k] != long_[k]), len(short))
+    return short[i:] == long_[i + 1 :]
+
+
+def typo_pairs(texts: list[str], min_chars: int) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of texts at least `min_chars` long that differ by one typo (`within_one_edit`).
+
+    Candidates come from the one-deletion neighbourhood (SymSpell's trick: two strings one edit apart share a
+    string made by deleting one character from each, or one of them is such a string of the other), so the
+    cost grows with the total length of the texts, not with the number of pairs."""
+    keys: dict[str, list[int]] = defaultdict(list)
+    for idx, text in enumerate(texts):
+        if len(text) < min_chars:
+            continue
+        keys[text].append(idx)
+        for k in range(len(text)):
+            keys[text[:k] + text[k + 1 :]].append(idx)
+    pairs: set[tuple[int, int]] = set()
+    for members in keys.values():
+        if len(members) < 2:
+            continue
+        unique = sorted(set(members))
+        for pos, i in enumerate(unique):
+            for j in unique[pos + 1 :]:
+                if texts[i] != texts[j] and within_one_edit(texts[i], texts[j]):
+                    pairs.add((i, j))
+    return sorted(pairs)

@@ -26,8 +26,10 @@ def normalize_text(text: str, lowercase: bool = False) -> str:
 
 
 def dedup_text_key(text: str) -> str:
-    """The key under which two texts count as the same: normalized and case-folded."""
-    return normalize_text(text).lower()
+    """The key under which two texts count as the same: normalized, case-folded, punctuation dropped ("Cancel
+    my card!" and "cancel my card" are one text)."""
+    folded = normalize_text(text).casefold()
+    return " ".join("".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in folded).split())
 
 
 def normalize(expr: pl.Expr, lowercase: bool = False) -> pl.Expr:

@@ -50,12 +50,12 @@ def test_quarantine_holds_exactly_the_injected_rows():
         "src-900002": "null_label",
         "src-900003": "empty_text",
         "src-900004": "too_long",
-        "src-900005": "conflicting_labels",
+        # one spelling each and no word evidence either way: the earliest row keeps its label
         "src-900006": "conflicting_labels",
     }
     kept = set(out.train["id"]) | set(out.val["id"])
-    assert kept.isdisjoint(q) and len(kept) == len(base_rows())
-    assert out.report["quarantined"]["conflicting_labels"] == 2
+    assert kept.isdisjoint(q) and len(kept) == len(base_rows()) + 1 and "src-900005" in kept
+    assert out.report["quarantined"]["conflicting_labels"] == 1
 
 
 def test_duplicates_near_duplicates_and_leakage_are_removed():
@@ -129,14 +129,15 @@ def test_main_writes_all_outputs_and_same_bytes_twice(tmp_path):
     assert first == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
-def test_too_few_rows_per_label_fails_closed(tmp_path, capsys):
+def test_labels_too_rare_are_quarantined_and_too_many_fail_closed(tmp_path, capsys):
     code, out = run_main(tmp_path, frame(base_rows()), TEST)  # an earlier good run leaves outputs
     assert code == 0
     code, out = run_main(tmp_path, frame(base_rows()), TEST, min_per_label=50)
     assert code == 1
     err = capsys.readouterr().err
-    assert "label_counts: expect_column_values_to_be_between (3 of 3 rows unexpected)" in err
-    assert "labels under clean.min_per_label=50: cancel, refund, track" in err
+    assert "'rare_label': 42" in err and "clean.max_quarantine_fraction=0.05" in err
+    q = pl.read_parquet(out / "quarantine.parquet")
+    assert set(q["rule"]) == {"rare_label"}
     assert not (out / "train.parquet").exists() and not (out / "clean.json").exists()
     results = json.loads((out / "validation" / "results.json").read_text())
     assert results["success"] is False
