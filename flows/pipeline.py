@@ -12,11 +12,14 @@ Prefect adds retries, logs, run history and a markdown artifact with the run's t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +243,36 @@ def pipeline(root: str = ".", force: bool = False, stage: str | None = None) -> 
     return result
 
 
+class Busy(Exception):
+    """Another flow run holds this workspace."""
+
+
+@contextmanager
+def workspace_lock(root: str | Path) -> Iterator[None]:
+    """One flow run per workspace: a second one stops at once, naming the first (its pid and start time), and
+    changes nothing. (Two at once would race each other's `dvc repro` calls stage by stage, and two embedded
+    Prefect servers starting on a fresh Prefect home race in its SQLite migration.)"""
+    path = Path(root) / ".dvc" / "tmp" / "distillery-flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise Busy(f"another flow run holds this workspace ({holder}; lock {path}); nothing was run") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--force", action="store_true", help="rerun every stage even if DVC finds it up to date")
@@ -247,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=".", help="the repository to run (default: current folder)")
     args = ap.parse_args(argv)
     try:
-        rows = pipeline(root=args.root, force=args.force, stage=args.stage)
+        with workspace_lock(args.root):
+            rows = pipeline(root=args.root, force=args.force, stage=args.stage)
+    except Busy as exc:
+        print(f"pipeline: error: {exc}", file=sys.stderr)
+        return 3
     except (GraphError, StageFailed) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 1

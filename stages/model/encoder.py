@@ -58,13 +58,32 @@ def resolve_teacher(spec: str, allow_download: bool = False) -> str:
     raise StageError(f"distill.teacher: cannot load {spec!r}; tried {'; '.join(tried)}")
 
 
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib")
+
+
+def refuse_pickles(source: str) -> None:
+    """A local model folder must hold safetensors weights: a folder with only pickled ones (pytorch_model.bin,
+    *.pt, ...) is refused by name; loading a pickle runs whatever code it carries."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    if list(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLES for p in folder.glob(pattern))
+    if pickled:
+        raise StageError(f"{folder}: holds pickled weights ({', '.join(pickled)}) and no .safetensors; distillery "
+                         "never loads pickles: convert them to safetensors first")  # fmt: skip
+
+
 def load_pretrained(source: str, num_labels: int, allow_download: bool = False) -> tuple[TextClassifier, Any]:
     """A pretrained encoder (folder or hub id) with a fresh head, and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
 
+    refuse_pickles(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
-        encoder = AutoModel.from_pretrained(source, local_files_only=not allow_download)
+        # use_safetensors: transformers never falls back to a pickled pytorch_model.bin
+        encoder = AutoModel.from_pretrained(source, local_files_only=not allow_download, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise StageError(f"cannot load model {source!r}: {str(exc).strip().splitlines()[0]}") from exc
     return TextClassifier(encoder, num_labels), tokenizer

@@ -42,5 +42,42 @@ def session(path: Path | str | bytes, threads: int = 2, providers: list[Any] | N
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     cpu_only = all(name == "CPUExecutionProvider" for name in names)
     disabled = record["disabled_optimizers"] if cpu_only else []
+    if not isinstance(path, bytes):
+        check_external_data(Path(path))
     model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=disabled)
+    try:
+        return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=disabled)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/...: name the file, no traceback
+        from stages.runner.errors import StageError
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(f"{model if isinstance(model, str) else 'serialized model'}: ONNX Runtime cannot load it: "
+                         f"{first}") from exc  # fmt: skip
+
+
+def check_external_data(path: Path) -> None:
+    """An ONNX file may keep tensors in other files ("external data"); each must be a plain file inside the
+    model's own folder. A location that is absolute, climbs out with `..` or goes through a symlink would make a
+    session read whatever file it names: refused, naming the tensor."""
+    import onnx
+
+    from stages.runner.errors import StageError
+
+    if not path.is_file():
+        raise StageError(f"{path}: not found")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged protobuf raises DecodeError and others
+        raise StageError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    folder = path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = path.parent / location
+        inside = not Path(location).is_absolute() and ".." not in Path(location).parts
+        if not location or not inside or target.is_symlink() or folder not in target.resolve().parents:
+            raise StageError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
+                             "folder; refused")  # fmt: skip
+        if not target.is_file():
+            raise StageError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which is missing")
