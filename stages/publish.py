@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -635,7 +636,15 @@ def publish(root: Path, r: Release, p: PublishParams, base: Path | None = None,
     per model at a time: a second waits, then finds the first one's version if the content is the same."""
     base = base or root
     model_dir = contained(base, base / p.registry / p.model)
-    with locked(model_dir), Draft(model_dir) as draft:
+    with locked(model_dir):
+        for stale in model_dir.glob(".publish-*"):  # drafts of a killed publish (none is running: we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        return write_version(root, r, p, model_dir, experiment)
+
+
+def write_version(root: Path, r: Release, p: PublishParams, model_dir: Path,
+                  experiment: str | None) -> tuple[str, Path, bool]:  # fmt: skip
+    with Draft(model_dir) as draft:
         start_index(model_dir)
         # The payload first: it decides whether this content is already published.
         draft.add(r.runtime.file, r.source)

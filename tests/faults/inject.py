@@ -155,6 +155,7 @@ def leftovers(root: Path) -> list[str]:
     found = [p for p in (root / "data").rglob(".*") if p.name.endswith((".tmp", ".old"))]
     scratch = root / ".dvc" / "tmp" / "distillery"
     found += [p for p in scratch.rglob("*")] if scratch.is_dir() else []
+    found += [p for p in (root / "registry").glob("*/.publish-*")]  # a draft version of a killed publish
     return sorted(p.relative_to(root).as_posix() for p in found)
 
 
