@@ -395,6 +395,10 @@ def resolve(registry: Path, spec: str) -> Path:
     if not found and folders(registry / model):
         raise Forged(f"{registry / model}: version folder(s) {', '.join(folders(registry / model))} exist but "
                      f"{INDEX} lists none of them (the index was emptied, or they were copied in)")  # fmt: skip
+    index = read_index(registry / model) or {}
+    gone = [v for v in index if v not in folders(registry / model)]
+    if gone and (not found or version in gone):
+        raise Forged(f"{registry / model}: version(s) {', '.join(gone)} listed in {INDEX} are gone")
     if not found:
         raise RegistryError(f"{registry / model}: no published version of {model}")
     if version and version not in found:

@@ -380,6 +380,7 @@ def index_damages(model_dir: Path) -> list[tuple[str, Any]]:
         ("index line edited", edit_line),
         ("index truncated to nothing", lambda _: index.write_text("")),
         ("index line deleted", lambda _: index.write_text("\n".join(index.read_text().splitlines()[1:]) + "\n")),
+        ("the whole version folder deleted", lambda f: shutil.rmtree(f)),
         ("version changed + SHA256SUMS and index rewritten", forge_version),
     ]
 
