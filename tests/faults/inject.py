@@ -701,7 +701,26 @@ def sweep_names(root: Path) -> Row:
         (root / "params.yaml").write_text(saved)
         shutil.rmtree(outside, ignore_errors=True)
     row.add(*onnx_outside(root))
+    row.add(*output_symlink(root))
     return row
+
+
+def output_symlink(root: Path) -> tuple[bool, str]:
+    """A stage output replaced by a symlink to a file outside the project: the stage reading it refuses."""
+    target = root / "data" / "02_clean" / "train.parquet"
+    outside = root.parent / f".{root.name}-planted.parquet"
+    outside.write_bytes(b"PAR1 not the real rows PAR1")
+    saved = target.with_name(".train.parquet.saved")
+    shutil.move(target, saved)
+    target.symlink_to(outside)
+    try:
+        proc = dvc(root, "repro", "--single-item", "augment")
+        ok = proc.returncode != 0 and "Traceback" not in proc.stderr and "train.parquet" in proc.stderr
+        return ok, f"symlinked stage output: exit {proc.returncode}: {proc.stderr.strip()[-200:]}"
+    finally:
+        target.unlink()
+        shutil.move(saved, target)
+        outside.unlink()
 
 
 def onnx_outside(root: Path) -> tuple[bool, str]:
