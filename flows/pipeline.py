@@ -36,6 +36,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.logging import get_run_logger  # noqa: E402
 
 from flows.dag import GraphError, inspect_pipeline, plan  # noqa: E402
+from flows.recover import Busy as DvcBusy  # noqa: E402
+from flows.recover import repair_rwlock  # noqa: E402
 from flows.reproduce import hashes, read_lock  # noqa: E402
 
 ARTIFACT_KEY = "distillery-pipeline"
@@ -281,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         with workspace_lock(args.root):
+            repaired = repair_rwlock(args.root)  # left corrupted by a dvc process killed mid-write
+            if repaired:
+                print(f"pipeline: {repaired}", file=sys.stderr)
             rows = pipeline(root=args.root, force=args.force, stage=args.stage)
-    except Busy as exc:
+    except (Busy, DvcBusy) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 3
     except (GraphError, StageFailed) as exc:

@@ -200,7 +200,7 @@ def sweep_kills(root: Path, seconds: dict[str, float], per_stage: dict[str, int]
             killed = kill_after(root, [PY, "-m", "dvc", "repro", "-f", "--single-item", stage], delay)
             after = state(root, outs)
             changed = status_changed(root, stage)
-            rerun = dvc(root, "repro", "--single-item", stage)
+            rerun = recover_and_rerun(root, stage)
             if "is cached - skipping run" in rerun.stdout + rerun.stderr:
                 # restored from DVC's run cache: the stage did not run, so its leftovers go at the next stage run
                 dvc(root, "repro", "--single-item", "fingerprint")
@@ -224,6 +224,15 @@ def sweep_kills(root: Path, seconds: dict[str, float], per_stage: dict[str, int]
             set_param(root, flip, 0)
             dvc(root, "repro", "--single-item", stage)
     return row
+
+
+def recover_and_rerun(root: Path, stage: str) -> subprocess.CompletedProcess[str]:
+    """The one rerun after a crash: `python -m flows.recover` (DVC's lock file, if a kill left it corrupted),
+    then `dvc repro` of the stage."""
+    recovered = run(root, PY, "-m", "flows.recover")
+    rerun = dvc(root, "repro", "--single-item", stage)
+    rerun.stderr = recovered.stdout + rerun.stderr
+    return rerun
 
 
 def sweep_flow_kills(root: Path, count: int, seconds: float, seed: int = 0) -> Row:
@@ -570,7 +579,8 @@ def race_publish(root: Path, registry: str = "registry-race") -> Row:
         procs = [subprocess.Popen(publish_command(root), cwd=root, env=DVC_ENV, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
         outs = [p.communicate()[0] for p in procs]
-        versions = [d.name for d in (root / registry / "distillery-intent").iterdir() if d.name[0].isdigit()]
+        model_dir = root / registry / "distillery-intent"
+        versions = [d.name for d in model_dir.iterdir() if d.name[0].isdigit()] if model_dir.is_dir() else []
         said = [line for out in outs for line in out.splitlines() if line.startswith("publish: published") or
                 line.startswith("publish: existing")]  # fmt: skip
         ok = (

@@ -169,3 +169,22 @@ def test_a_null_label_splitting_test_off_the_source_is_no_traceback(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["17", "4"]
+
+
+def test_a_dvc_lock_file_cut_by_a_kill_is_removed_only_when_no_dvc_runs(tmp_path):
+    import zc.lockfile
+
+    from flows.recover import Busy, repair_rwlock
+
+    tmp = tmp_path / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "rwlock").write_text('{"read": {}, "wri')  # what a kill between truncate and write leaves
+    held = zc.lockfile.LockFile(str(tmp / "lock"))  # a dvc process running in this repository
+    try:
+        with pytest.raises(Busy):
+            repair_rwlock(tmp_path)
+    finally:
+        held.close()
+    assert "not valid JSON" in repair_rwlock(tmp_path) and not (tmp / "rwlock").exists()
+    (tmp / "rwlock").write_text('{"read": {}, "write": {}}')
+    assert repair_rwlock(tmp_path) is None and (tmp / "rwlock").exists()  # a sound one is left alone
