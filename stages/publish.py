@@ -18,12 +18,15 @@
    - `lineage.json`: git commit and dirty files, each stage's dvc.lock entry (deps, params and outs with
      their hashes) in pipeline order, the source location and hash, the machine fingerprint, and the
      published files' digests;
-   - `SHA256SUMS` (`sha256sum -c` reads it) over every other file.
-   The version is written to a temporary folder beside it, synced, then renamed into place, and its files
-   are made read-only. A version is never overwritten. The model files, tokenizer and labels (the
-   payload) define a version's content: publishing content the registry already holds reports that
-   version and writes nothing; new content gets a new version (`publish.version: auto`: the next major,
-   1.0.0, 2.0.0, ...; or an explicit `x.y.z`, refused if it exists with other content).
+   - `SHA256SUMS` (`sha256sum -c` reads it) over every other file; `signature.sig` when
+     `publish.signing` configures a key (OpenSSF model-signing).
+   The version is written to a temporary folder beside it, synced, then renamed into place, its files made
+   read-only, and appended to the model's hash-chained `index.jsonl`; one publisher per model at a time (a
+   lock file), and the registry must lie inside the project, reached through no symlink. A version is never
+   overwritten. The model files, tokenizer and labels (the payload) define a version's content: publishing
+   content the registry already holds reports that version and writes nothing; new content gets a new version
+   (`publish.version: auto`: the next major, 1.0.0, 2.0.0, ...; or an explicit `x.y.z`, refused if it exists
+   with other content).
 4. `publish.tag: true` adds an annotated git tag `<model>@v<version>` on HEAD, the form GTO (DVC's model
    registry tooling) reads.
 5. `data/10_publish/receipt.json` records what was published (or found), where, and its digests.
@@ -644,6 +647,8 @@ def publish(root: Path, r: Release, p: PublishParams, base: Path | None = None,
 
 def write_version(root: Path, r: Release, p: PublishParams, model_dir: Path,
                   experiment: str | None) -> tuple[str, Path, bool]:  # fmt: skip
+    """The body of `publish`, under the model's lock: draft the payload, finish an interrupted publish of the
+    same content, choose the version, then write lineage and card and commit (sign, index) the draft."""
     with Draft(model_dir) as draft:
         start_index(model_dir)
         # The payload first: it decides whether this content is already published.
