@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 from tests.faults import inject  # noqa: E402
 
 # kill -9 injections per stage: more where a run is short (a sweep costs about 1.5 runs of the stage per kill)
-KILLS = {"fingerprint": 40, "ingest": 40, "clean": 20, "augment": 20, "distill": 3, "train": 6, "prune": 6,
-         "quantize": 4, "build": 20, "benchmark": 4, "publish": 40}  # fmt: skip
+KILLS = {"fingerprint": 45, "ingest": 40, "clean": 20, "augment": 20, "distill": 2, "train": 5, "prune": 5,
+         "quantize": 3, "build": 20, "benchmark": 3, "publish": 40}  # fmt: skip
 
 
 def table(rows: list[inject.Row]) -> str:
@@ -46,7 +46,7 @@ def table(rows: list[inject.Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0, help="kills per stage: KILLS times this (at least 1)")
-    ap.add_argument("--flow-kills", type=int, default=4)
+    ap.add_argument("--flow-kills", type=int, default=2)
     ap.add_argument("--rows", type=int, default=2000, help="bad rows mixed into Banking77 (or the demo data)")
     ap.add_argument("--no-flow", action="store_true", help="skip the Prefect flow kills and the two-flows race")
     ap.add_argument(

@@ -37,7 +37,7 @@ from prefect.logging import get_run_logger  # noqa: E402
 
 from flows.dag import GraphError, inspect_pipeline, plan  # noqa: E402
 from flows.recover import Busy as DvcBusy  # noqa: E402
-from flows.recover import repair_rwlock  # noqa: E402
+from flows.recover import repair  # noqa: E402
 from flows.reproduce import hashes, read_lock  # noqa: E402
 
 ARTIFACT_KEY = "distillery-pipeline"
@@ -283,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         with workspace_lock(args.root):
-            repaired = repair_rwlock(args.root)  # left corrupted by a dvc process killed mid-write
-            if repaired:
+            for repaired in repair(args.root):  # DVC's lock files, left cut by a dvc process killed mid-write
                 print(f"pipeline: {repaired}", file=sys.stderr)
             rows = pipeline(root=args.root, force=args.force, stage=args.stage)
     except (Busy, DvcBusy) as exc:

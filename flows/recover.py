@@ -2,12 +2,17 @@
 
     python -m flows.recover        # then dvc repro (the Prefect flow does this by itself before it starts)
 
-DVC rewrites its stage lock file `.dvc/tmp/rwlock` in place (it truncates the file, then writes JSON), so a
-`kill -9` of a `dvc` process at that moment leaves it empty or cut, and every later `dvc` command stops with
-"Unable to read RWLock-file ... JSON structure is corrupted". DVC's advice is to remove the file by hand.
-`recover` removes it when it is not valid JSON and no DVC process holds the repository (it takes DVC's
-repository lock `.dvc/tmp/lock` while it does; a running `dvc` keeps that lock for its whole run), so a
-live run's locks are never dropped. The leftovers of killed stage runs (temporary files, scratch folders)
+DVC rewrites two files in place (it truncates, then writes), so a `kill -9` of a `dvc` process at that moment
+leaves them empty or cut, and every later `dvc` command stops:
+- its stage lock file `.dvc/tmp/rwlock` ("Unable to read RWLock-file ... JSON structure is corrupted"; DVC's
+  advice is to remove it by hand): `recover` removes it;
+- `dvc.lock` ("'./dvc.lock' validation failed"): `recover` puts back the copy the last stage run took when it
+  started (`.dvc/tmp/distillery-dvc.lock`, saved by `stages/runner/guard.py` while DVC's copy was sound), else
+  git's HEAD version. Entries written since are lost, which only makes `dvc status` report those stages
+  changed: the next `dvc repro` runs them again.
+Both only when the file does not parse and no DVC process holds the repository (`recover` takes DVC's
+repository lock `.dvc/tmp/lock` while it works; a running `dvc` keeps that lock for its whole run), so a live
+run's files are never touched. The leftovers of killed stage runs (temporary files, scratch folders)
 need no command: the next stage run removes them (`stages/runner/guard.py`).
 """
 
@@ -15,36 +20,95 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class Busy(Exception):
     """A DVC process holds the repository."""
 
 
-def repair_rwlock(root: str | Path) -> str | None:
-    """Remove a corrupted `.dvc/tmp/rwlock` when no DVC process holds the repository; what was done, or None."""
+LOCK_BACKUP = "distillery-dvc.lock"  # under .dvc/tmp/
+
+
+def sound_rwlock(path: Path) -> bool:
+    json.loads(path.read_text(encoding="utf-8"))
+    return True
+
+
+def sound_lockfile(path: Path) -> bool:
+    """dvc.lock parses and passes DVC's own schema."""
+    import yaml
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+
+    COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return True
+
+
+def damaged(path: Path, check: Any) -> bool:
+    try:
+        return not check(path)
+    except FileNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - any parse or schema error: the file is damaged
+        return True
+
+
+@contextmanager
+def dvc_idle(root: Path, what: Path) -> Iterator[None]:
+    """Hold DVC's repository lock: no `dvc` command runs here meanwhile."""
     import zc.lockfile  # DVC's own lock backend: the same lock `dvc repro` holds
 
-    path = Path(root) / ".dvc" / "tmp" / "rwlock"
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return None
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        pass
-    try:
-        lock = zc.lockfile.LockFile(str(Path(root) / ".dvc" / "tmp" / "lock"))
+        lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
     except zc.lockfile.LockError as exc:
-        raise Busy(f"{path} is damaged, but a DVC process holds this repository; run again when it ends") from exc
+        raise Busy(f"{what} is damaged, but a DVC process holds this repository; run again when it ends") from exc
     try:
-        size = path.stat().st_size
-        path.unlink()
+        yield
     finally:
         lock.close()
+
+
+def repair_rwlock(root: str | Path) -> str | None:
+    """Remove a corrupted `.dvc/tmp/rwlock` when no DVC process holds the repository; what was done, or None."""
+    root = Path(root)
+    path = root / ".dvc" / "tmp" / "rwlock"
+    if not damaged(path, sound_rwlock):
+        return None
+    with dvc_idle(root, path):
+        size = path.stat().st_size
+        path.unlink()
     return f"removed {path} ({size} bytes, not valid JSON: a dvc process was killed while writing it)"
+
+
+def repair_lockfile(root: str | Path) -> str | None:
+    """Put back a sound dvc.lock when DVC left it cut; what was done, or None."""
+    root = Path(root)
+    path, backup = root / "dvc.lock", root / ".dvc" / "tmp" / LOCK_BACKUP
+    if not damaged(path, sound_lockfile):
+        return None
+    with dvc_idle(root, path):
+        if backup.is_file() and not damaged(backup, sound_lockfile):
+            text, source = backup.read_text(encoding="utf-8"), f"the copy the last stage run took ({backup})"
+        else:
+            shown = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True)
+            if shown.returncode != 0:
+                raise Busy(f"{path} is damaged and neither {backup} nor git HEAD holds a sound copy; remove it "
+                           "(every stage then reruns)")  # fmt: skip
+            text, source = shown.stdout, "git HEAD"
+        tmp = path.with_name(".dvc.lock.recover.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return f"restored {path} from {source}: a dvc process was killed while writing it; stages it ran since rerun"
+
+
+def repair(root: str | Path) -> list[str]:
+    return [done for done in (repair_rwlock(root), repair_lockfile(root)) if done]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=".", help="the repository (default: current folder)")
     args = ap.parse_args(argv)
     try:
-        done = repair_rwlock(args.root)
+        done = repair(args.root)
     except Busy as exc:
         print(f"recover: {exc}", file=sys.stderr)
         return 3
-    print(f"recover: {done}" if done else "recover: DVC's lock file is sound; nothing to do")
+    for line in done or ["DVC's lock files are sound; nothing to do"]:
+        print(f"recover: {line}")
     return 0
 
 

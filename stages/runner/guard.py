@@ -10,7 +10,9 @@ At the start (`RunGuard.start`):
   records for that output. DVC trusts its cache: a damaged cache object is checked out without a word, and
   a crash between the renames of a stage's outputs leaves a mixed set. Either way the bytes differ from the
   lock, and the stage refuses to read them, naming the file and the stage that makes it;
-- **params**: the sections of params.yaml the stage tracks (its `params:` in dvc.yaml) are hashed.
+- **params**: the sections of params.yaml the stage tracks (its `params:` in dvc.yaml) are hashed;
+- **dvc.lock** is copied to `.dvc/tmp/distillery-dvc.lock` (DVC rewrites it in place after the run; a kill
+  then can cut it, and `python -m flows.recover` puts the copy back).
 
 Before any output is renamed into place (`before_commit`, also before publish renames a version into the
 registry) the sections are hashed again: if params.yaml changed while the stage ran, the stage fails and
@@ -111,12 +113,22 @@ class RunGuard:
             shutil.rmtree(self.scratch.parent, ignore_errors=True)
             self.scratch.mkdir(parents=True, exist_ok=True)
             tempfile.tempdir = str(self.scratch)  # this process's temporary files: cleaned by the next run
+        self.save_lockfile()
         if entry:
             self.check_inputs([d for d in _names(entry.get("deps")) if "${" not in d and not d.endswith(".py")])
             self.sections = _names(entry.get("params"))
             self.digest = params_digest(self.params_file, self.sections)
             atomic.before_commit(self.check_params)
         return self
+
+    def save_lockfile(self) -> None:
+        """A copy of dvc.lock as DVC left it sound (it read it to start this run): DVC rewrites the file in place
+        after the run, and `python -m flows.recover` puts this copy back if a kill cuts that write short."""
+        lock, tmp_dir = self.root / "dvc.lock", self.root / ".dvc" / "tmp"
+        if lock.is_file() and tmp_dir.is_dir():
+            tmp = tmp_dir / ".distillery-dvc.lock.tmp"
+            shutil.copyfile(lock, tmp)
+            os.replace(tmp, tmp_dir / "distillery-dvc.lock")
 
     def sweep(self, outs: list[str]) -> None:
         for out in outs:

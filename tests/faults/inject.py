@@ -227,8 +227,8 @@ def sweep_kills(root: Path, seconds: dict[str, float], per_stage: dict[str, int]
 
 
 def recover_and_rerun(root: Path, stage: str) -> subprocess.CompletedProcess[str]:
-    """The one rerun after a crash: `python -m flows.recover` (DVC's lock file, if a kill left it corrupted),
-    then `dvc repro` of the stage."""
+    """The one rerun after a crash: `python -m flows.recover` (DVC's lock files, if a kill left one cut), then
+    `dvc repro` of the stage."""
     recovered = run(root, PY, "-m", "flows.recover")
     rerun = dvc(root, "repro", "--single-item", stage)
     rerun.stderr = recovered.stdout + rerun.stderr

@@ -188,3 +188,16 @@ def test_a_dvc_lock_file_cut_by_a_kill_is_removed_only_when_no_dvc_runs(tmp_path
     assert "not valid JSON" in repair_rwlock(tmp_path) and not (tmp / "rwlock").exists()
     (tmp / "rwlock").write_text('{"read": {}, "write": {}}')
     assert repair_rwlock(tmp_path) is None and (tmp / "rwlock").exists()  # a sound one is left alone
+
+
+def test_a_dvc_lock_cut_by_a_kill_is_restored_from_the_copy_the_last_stage_run_took(tmp_path):
+    from flows.recover import repair_lockfile
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    sound = "schema: '2.0'\nstages:\n  s:\n    cmd: python -m stages.s\n"
+    (tmp_path / ".dvc" / "tmp" / "distillery-dvc.lock").write_text(sound)
+    (tmp_path / "dvc.lock").write_text(sound)
+    assert repair_lockfile(tmp_path) is None  # sound: left alone
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  s:\n    cm")  # what a kill mid-write leaves
+    assert "restored" in repair_lockfile(tmp_path)
+    assert (tmp_path / "dvc.lock").read_text() == sound
