@@ -2,7 +2,7 @@
 project, counted in one table (`tests/faults/inject.py` does the injecting; the `faults` tests run a quick
 subset of the same functions).
 
-    python bench/faults.py                  # the full sweep (~50 min on 2 cores): 203 kills, 95 damages, ...
+    python bench/faults.py                  # the full sweep (38 min on 2 cores): 203 kills, 96 damages, ...
     python bench/faults.py --scale 0.05 --rows 200 --no-flow   # one kill per stage: about 12 minutes
 
 Columns: fault kind; injections; detected or survived (an error naming the problem, a failed verify, or
