@@ -393,13 +393,14 @@ def verify_upstream(lineage: Lineage, cache: Path, root: Path) -> dict[str, Any]
             else:
                 counts["git"] += 1
             continue
-        counts["cache"] += verify_object(obj, md5, where, item["path"], cache)
+        counts["cache"] += verify_object(obj, md5, stage, item["path"], cache)
     counts["absent"] = sorted(set(counts["absent"]))
     return counts
 
 
-def verify_object(obj: Path, md5: str, where: str, path: str, cache: Path) -> int:
+def verify_object(obj: Path, md5: str, stage: str, path: str, cache: Path) -> int:
     """Re-hash one cache object (and for a folder, every file object its listing names); returns the count."""
+    where = f"{path} (stage {stage})"
     actual = md5_file(obj)
     if actual != md5.removesuffix(".dir"):
         raise Mismatch(f"{where}: DVC cache object {obj} hashes to {actual}, lineage records {md5}")
@@ -412,11 +413,13 @@ def verify_object(obj: Path, md5: str, where: str, path: str, cache: Path) -> in
     for entry in listing:
         part = cache / entry["md5"][:2] / entry["md5"][2:]
         if not part.is_file():
-            raise Mismatch(f"{path}/{entry['relpath']}: DVC cache object {part} (md5 {entry['md5']}) is missing")
+            raise Mismatch(f"{path}/{entry['relpath']} (stage {stage}): DVC cache object {part} (md5 {entry['md5']}) "
+                           "is missing")  # fmt: skip
         got = md5_file(part)
         if got != entry["md5"]:
             raise Mismatch(
-                f"{path}/{entry['relpath']}: DVC cache object {part} hashes to {got}, the listing of {md5} records "
+                f"{path}/{entry['relpath']} (stage {stage}): DVC cache object {part} hashes to {got}, the listing "
+                f"of {md5} records "
                 f"{entry['md5']}"
             )
     return 1 + len(listing)

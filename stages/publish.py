@@ -610,7 +610,7 @@ def choose_version(existing: dict[str, str], digest: str, p: PublishParams, mode
     version = next_version(existing, p.version)
     if version in existing or (model_dir / version).exists() or (model_dir / version).is_symlink():
         raise StageError(
-            f"publish.version: {model_dir / version} exists (with other content, or not in the registry's index); "
+            f"publish.version: {model_dir / version} exists with other content (or outside the registry's index); "
             "a version is never overwritten (set publish.version: auto or a new x.y.z, or move the folder away)"
         )
     return version, True
