@@ -623,9 +623,10 @@ def adopt_unindexed(model_dir: Path, digest: str) -> str | None:
     indexed = set(existing_versions(model_dir))
     for version in folders(model_dir):
         folder = model_dir / version
-        if version in indexed or payload_digest(read_sums(folder)) != digest:
+        sums = read_sums(folder)
+        if version in indexed or payload_digest(sums) != digest:
             continue
-        if file_sums(folder) == read_sums(folder):
+        if file_sums(folder) == sums:
             append_index(model_dir, index_entry(folder))
             print(f"publish: indexed {version}, left complete but unindexed by an interrupted publish", file=sys.stderr)
             return version

@@ -736,7 +736,6 @@ def output_symlink(root: Path) -> tuple[bool, str]:
 def onnx_outside(root: Path) -> tuple[bool, str]:
     """An ONNX model whose external data names a file outside its folder: refused before a session opens."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from stages.runner.errors import StageError
@@ -762,7 +761,6 @@ def onnx_outside(root: Path) -> tuple[bool, str]:
         return "outside the model's folder" in str(exc), f"ONNX external data: {exc}"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        _ = onnx
 
 
 # ---- bad rows ------------------------------------------------------------------------------------------------
