@@ -22,13 +22,14 @@ from typing import Any
 
 import yaml
 
+from deploy.settings import ServeParams  # light: a dataclass (the server itself needs the serve extra)
 from stages.runner.errors import ParamError
 from stages.runner.openlineage import LineageParams
 from stages.runner.params import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 READS = re.compile(r'read_params\(\s*(\w+),\s*"(\w+)"')
-NOT_STAGES = {"lineage": LineageParams}  # sections read outside any stage
+NOT_STAGES = {"lineage": LineageParams, "serve": ServeParams}  # sections read outside any stage
 OTHER_SECTIONS = ("flow",)  # read by flows/pipeline.py (retries), checked there
 
 

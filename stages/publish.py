@@ -504,7 +504,8 @@ def model_card(c: Card) -> str:
 # ---- the version ---------------------------------------------------------------------------------------
 
 
-def runtime_record(engine: Engine | None, session_options: dict[str, Any] | None, candidate: str) -> RuntimeRecord:
+def runtime_record(engine: Engine | None, session_options: dict[str, Any] | None, candidate: str,
+                   max_length: int | None = None) -> RuntimeRecord:  # fmt: skip
     """runtime.json of a version: the engine's backend and providers (quantize's files run on ONNX Runtime's
     CPU provider) and, for ONNX Runtime, the session options benchmark measured with."""
     backend = engine.backend if engine else "onnxruntime"
@@ -523,6 +524,7 @@ def runtime_record(engine: Engine | None, session_options: dict[str, Any] | None
         inputs=["input_ids", "attention_mask"],
         outputs=["logits"],
         session_options=options,
+        max_length=max_length,
     )
 
 
@@ -569,7 +571,7 @@ def gather(args: Any, root: Path, p: PublishParams) -> Release:
     manifest = BuildManifest.read(manifest_file)
     options_file = args.build / manifest.session_options
     options = json.loads(options_file.read_text(encoding="utf-8")) if options_file.is_file() else None
-    runtime = runtime_record(manifest.engines.get(decision.candidate), options, decision.candidate)
+    runtime = runtime_record(manifest.engines.get(decision.candidate), options, decision.candidate, results.max_length)
     read_json = lambda path: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
     return Release(decision, results, timings, source, tokenizer, labels_file, runtime, reads, lock,
                    read_json(ingest_file), read_json(machine_file))  # fmt: skip

@@ -74,6 +74,7 @@ class RuntimeRecord(Record):
     inputs: list[str]
     outputs: list[str]
     session_options: dict[str, Any] | None = optional()  # ONNX Runtime only
+    max_length: int | None = optional()  # tokens per text the model was measured with (versions from 2026-12-04)
 
 
 @dataclasses.dataclass(frozen=True)

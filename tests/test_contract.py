@@ -163,6 +163,15 @@ def test_flows_import_only_the_light_library():
         assert not heavy, f"{path.name} imports {heavy}"
 
 
+def test_the_server_never_imports_torch():
+    """deploy/ serves ONNX versions with ONNX Runtime and tokenizers alone (a TensorRT version is the exception,
+    imported only when one is loaded): every module, imported and run on a published layout, leaves torch out."""
+    modules = sorted(f"deploy.{p.stem}" for p in (ROOT / "deploy").glob("*.py") if p.stem != "__init__")
+    code = f"import sys, {', '.join(modules)}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False" and len(modules) >= 8
+
+
 def test_every_params_read_is_tracked_and_every_tracked_section_is_read():
     """Each stage reads params only through `read_params(Class, "section", ...)` in its module; dvc.yaml's
     `params:` must list exactly those sections, whole (never key by key)."""

@@ -24,11 +24,15 @@ def session_options_record(threads: int) -> dict[str, Any]:
     }
 
 
-def session(path: Path | str | bytes, threads: int = 2, providers: list[Any] | None = None) -> Any:
+def session(
+    path: Path | str | bytes, threads: int = 2, providers: list[Any] | None = None, spinning: bool = True
+) -> Any:
     """An ONNX Runtime session (on a model file, or a serialized model) with the options of
     `session_options_record(threads)` (CPU unless
     `providers` says otherwise: callers check `get_providers()` for a silent fallback). The CPU-only
-    `disabled_optimizers` apply only when every provider is the CPU one."""
+    `disabled_optimizers` apply only when every provider is the CPU one. `spinning=False` stops idle intra-op
+    threads from busy-waiting for the next run (a server sharing its cores with the HTTP loop wants that; results
+    are the same)."""
     import onnxruntime as ort
 
     record = session_options_record(threads)
@@ -38,6 +42,8 @@ def session(path: Path | str | bytes, threads: int = 2, providers: list[Any] | N
     options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or record["providers"]
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     cpu_only = all(name == "CPUExecutionProvider" for name in names)

@@ -152,11 +152,12 @@ def test_no_passing_variant_fails_naming_each_gate_and_the_margin_follows_the_no
 def test_model_card_and_runtime_record_from_records_alone():
     results, timings = bench(teacher_fp32=(0.95, 10.0, 90.0, False), a=(0.90, 1.0, 3.0, True))
     options = {"intra_op_num_threads": 2, "disabled_optimizers": ["SkipLayerNormFusion"]}
-    runtime = runtime_record(None, options, "a")
-    assert (runtime.file, runtime.providers, runtime.session_options) == (
+    runtime = runtime_record(None, options, "a", 64)
+    assert (runtime.file, runtime.providers, runtime.session_options, runtime.max_length) == (
         "model.onnx",
         ["CPUExecutionProvider"],
         options,
+        64,
     )
     gates = {"min_accuracy": {"limit": 0.8, "measured": 0.9, "passed": True}}
     ingest = {"sources": [{"uri": "data/sample/train.csv", "role": "train", "rows": 10}], "rows": {"train": 10}}

@@ -1,0 +1,165 @@
+"""A published version loaded to serve: checked against its SHA256SUMS, run as its runtime.json says, with
+tokenization, batching and label mapping as `benchmark` measures end to end (so its end-to-end figures
+predict the server's).
+
+- ONNX Runtime (the default): a session with the options runtime.json records (`stages.runtime.sessions`),
+  on the providers it names; a GPU provider that falls back to the CPU is refused, never served silently.
+- TensorRT (`model.plan`): `stages.runtime.tensorrt.TrtRunner`, on hosts with CUDA and TensorRT.
+
+Texts are tokenized with the `tokenizers` library from the version's `tokenizer/tokenizer.json` (what the
+transformers fast tokenizer benchmark uses runs the same code), truncated to the version's `max_length`,
+sorted by token count and run in chunks of at most `max_batch` rows, each padded to its longest row.
+No torch is imported for an ONNX version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.registry import SIGNATURE, SUMS, RegistryError, RuntimeRecord, file_sums, read_runtime, read_sums, resolve
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    top: list[tuple[str, float]]  # the top-k labels and their softmax scores, best first
+
+
+def check_files(folder: Path) -> None:
+    """Every file of the version matches SHA256SUMS, none is missing and none was added; else a RegistryError
+    naming the first file that differs."""
+    listed = read_sums(folder)
+    found = file_sums(folder)
+    for name, digest in listed.items():
+        if name not in found:
+            raise RegistryError(f"{folder / name}: listed in {SUMS} but missing; refusing to serve this version")
+        if found[name] != digest:
+            raise RegistryError(f"{folder / name}: SHA-256 differs from {SUMS} (the file was changed after "
+                                "publish); refusing to serve this version")  # fmt: skip
+    extra = sorted(set(found) - set(listed) - {SIGNATURE})
+    if extra:
+        raise RegistryError(f"{folder / extra[0]}: not listed in {SUMS} (added after publish); refusing to serve")
+
+
+def version_max_length(folder: Path, record: RuntimeRecord) -> int:
+    """Tokens per text: runtime.json's `max_length`, else (versions published before it was recorded) the
+    tokenizer config's, which publish copied from the model benchmark measured."""
+    if record.max_length:
+        return int(record.max_length)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_length")
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{config}: cannot be read ({type(exc).__name__}); max_length is unknown") from exc
+    if not isinstance(value, int) or value < 1:
+        raise RegistryError(f"{folder}: neither runtime.json nor {config.name} gives max_length")
+    return value
+
+
+class Classifier:
+    """One published version, ready to classify texts. `folder` is a version folder (see `load`)."""
+
+    def __init__(self, folder: Path, threads: int | None = None, max_batch: int = 64, spinning: bool = True):
+        check_files(folder)
+        self.folder, self.model, self.version = folder, folder.parent.name, folder.name
+        self.record = read_runtime(folder)
+        self.max_length = version_max_length(folder, self.record)
+        self.max_batch, self.spinning = max_batch, spinning
+        labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+        self.labels = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+        if sorted(labels.values()) != list(range(len(labels))):
+            raise RegistryError(f"{folder / 'labels.json'}: label ids must be 0..{len(labels) - 1}")
+        options = self.record.session_options or {}
+        self.threads = threads or int(options.get("intra_op_num_threads", 2))
+        self._tokenizer = self._load_tokenizer()
+        self.pad_id = self._pad_id()
+        self._run = self._load_model()
+
+    def _load_tokenizer(self) -> Any:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.folder / "tokenizer" / "tokenizer.json"))
+        tok.enable_truncation(self.max_length)
+        tok.no_padding()
+        return tok
+
+    def _load_model(self) -> Any:
+        path = self.folder / self.record.file
+        if self.record.backend == "tensorrt":
+            from stages.runtime.tensorrt import TrtRunner, gpu_unavailable, tensorrt_unavailable
+
+            why = tensorrt_unavailable() or gpu_unavailable()
+            if why:
+                raise RegistryError(f"{self.folder}: a TensorRT plan for {self.record.device}, and this machine has "
+                                    f"{why}; serve a CPU version instead")  # fmt: skip
+            return TrtRunner(path.read_bytes()).run
+        if self.record.backend != "onnxruntime":
+            raise RegistryError(f"{self.folder / 'runtime.json'}: unknown backend {self.record.backend!r}")
+        from stages.runtime.sessions import session
+
+        providers = self.record.providers or ["CPUExecutionProvider"]
+        sess = session(path, self.threads, providers=providers, spinning=self.spinning)
+        if sess.get_providers()[0] != providers[0]:
+            raise RegistryError(f"{self.folder}: runtime.json asks for {providers[0]}, and ONNX Runtime here fell "
+                                f"back to {sess.get_providers()}; serve a CPU version instead")  # fmt: skip
+        return lambda feeds: sess.run(["logits"], feeds)[0]
+
+    def _pad_id(self) -> int:
+        """The id of the tokenizer config's pad token (as the transformers tokenizer pads), else [PAD]'s, else 0."""
+        try:
+            config = json.loads((self.folder / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        token = config.get("pad_token") if isinstance(config.get("pad_token"), str) else "[PAD]"
+        found = self._tokenizer.token_to_id(token)
+        return int(found) if found is not None else 0
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """Logits of every text, in the order given: sorted by token count, run in chunks of `max_batch`."""
+        ids = [e.ids for e in self._tokenizer.encode_batch(texts)]
+        order = np.argsort([len(s) for s in ids], kind="stable")
+        out = []
+        for start in range(0, len(ids), self.max_batch):
+            rows = [ids[i] for i in order[start : start + self.max_batch]]
+            width = max(len(r) for r in rows)
+            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for i, row in enumerate(rows):
+                input_ids[i, : len(row)] = row
+                mask[i, : len(row)] = 1
+            out.append(np.asarray(self._run({"input_ids": input_ids, "attention_mask": mask}), dtype=np.float32))
+        return np.concatenate(out)[np.argsort(order, kind="stable")]
+
+    def classify(self, texts: list[str], top_k: int) -> list[Prediction]:
+        logits = self.logits(texts)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        k = min(top_k, len(self.labels))
+        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [
+            Prediction(self.labels[row[0]], float(p[row[0]]), [(self.labels[j], float(p[j])) for j in row])
+            for row, p in zip(best, probs, strict=True)
+        ]
+
+    def warm_up(self, seconds: float = 1.0) -> int:
+        """Run batches of every width the server will see first, so the first requests do not pay for ONNX
+        Runtime's lazy allocations; returns the calls made."""
+        texts = ["warm up " * n for n in (1, 4, 16, self.max_length)]
+        calls, end = 0, time.monotonic() + seconds
+        while calls < 4 or time.monotonic() < end:
+            self.logits(texts[calls % len(texts) :] * (1 + calls % self.max_batch))
+            calls += 1
+        return calls
+
+
+def load(registry: Path, spec: str, threads: int | None = None, max_batch: int = 64) -> Classifier:
+    """`model`, `model@version` or `model#stage` in `registry` (the registry's own rules: an unindexed or
+    forged folder is refused), checked against its SHA256SUMS and loaded."""
+    return Classifier(resolve(registry, spec), threads=threads, max_batch=max_batch)
