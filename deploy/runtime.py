@@ -159,7 +159,9 @@ class Classifier:
         return calls
 
 
-def load(registry: Path, spec: str, threads: int | None = None, max_batch: int = 64) -> Classifier:
+def load(
+    registry: Path, spec: str, threads: int | None = None, max_batch: int = 64, spinning: bool = True
+) -> Classifier:
     """`model`, `model@version` or `model#stage` in `registry` (the registry's own rules: an unindexed or
     forged folder is refused), checked against its SHA256SUMS and loaded."""
-    return Classifier(resolve(registry, spec), threads=threads, max_batch=max_batch)
+    return Classifier(resolve(registry, spec), threads=threads, max_batch=max_batch, spinning=spinning)

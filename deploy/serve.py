@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -77,18 +78,19 @@ def model_info(c: Classifier) -> dict[str, str]:
 
 def prepare(service: Any, primary: Path, shadow: Path | None, p: ServeParams) -> None:
     """Load and warm the primary (and the shadow), in a worker thread while the server already listens."""
-    from deploy.shadow import RollingLog, Shadow
+    from deploy.shadow import Shadow
 
     classifier = Classifier(primary, p.threads, p.max_batch_size, p.spinning)
     classifier.warm_up(0.5)
     metrics.MODEL.labels("primary").info(model_info(classifier))
     if shadow is not None:
-        log_file = RollingLog(Path(p.shadow_log), int(p.shadow_log_mb * 1e6))
-        load = lambda: Classifier(shadow, 1, p.max_batch_size, False)  # noqa: E731 - one thread, no spinning
-        runner = Shadow(load, log_file, p.shadow_queue, service.batcher.busy, p.max_batch_size)
-        metrics.MODEL.labels("shadow").info(model_info(runner.start()))
+        runner = Shadow(shadow, Path(p.shadow_log), p.shadow_log_mb, p.shadow_queue, p.max_batch_size,
+                        p.shadow_sample, lambda: service.batcher.queued_texts > 0)  # fmt: skip
+        metrics.MODEL.labels("shadow").info(runner.start())
         service.shadow = runner
     service.classifier = classifier
+    gc.collect()
+    gc.freeze()  # what is loaded now lives as long as the server: later collections need not scan it
 
 
 def event_loop() -> Any:

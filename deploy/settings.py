@@ -26,6 +26,7 @@ class ServeParams:
     spinning: bool = False  # ONNX Runtime's idle threads busy-wait for work (steals CPU from the HTTP loop)
     drain_seconds: float = 30.0  # on SIGTERM: time to answer what is queued and in flight, then exit 0
     shadow_queue: int = 256  # texts waiting for the shadow model; beyond it shadow work is dropped, never the primary's
+    shadow_sample: float = 1.0  # share of answered batches the shadow compares (1: all, while the primary is idle)
     shadow_log: str = "shadow.jsonl"  # the rolling log of primary/shadow comparisons
     shadow_log_mb: float = 64.0  # the log rolls over to <log>.1 at this size
     access_log: bool = False  # one log line per request (costs throughput under load)
@@ -49,6 +50,8 @@ class ServeParams:
         for key in ("timeout_ms", "shadow_log_mb"):
             if getattr(self, key) <= 0:
                 raise ParamError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not 0 < self.shadow_sample <= 1:
+            raise ParamError(f"shadow_sample must be in (0, 1], got {self.shadow_sample!r}")
         if self.max_queue < self.max_texts:
             raise ParamError(f"max_queue ({self.max_queue}) must hold at least one full request "
                              f"(max_texts: {self.max_texts})")  # fmt: skip

@@ -2,15 +2,18 @@
 `python -m deploy.shadow report <log>` says how the two compare.
 
 The shadow never slows the primary:
-- its own thread, at the lowest CPU priority (nice 19), with its ONNX Runtime session created inside that thread
-  so the session's worker threads inherit the priority, and one intra-op thread;
-- it runs only while the primary has nothing queued or running, so under load it waits;
-- its queue is bounded (`serve.shadow_queue` texts): when full, new texts are dropped, and counted.
+- it runs in its own process (`python -m deploy.shadow worker`), so it shares no interpreter lock with the
+  server's event loop, at the lowest CPU priority (nice 19) with one ONNX Runtime thread: when the primary keeps
+  the cores busy, the kernel gives the shadow almost none of them;
+- the server hands it each answered batch (texts, labels, scores) as one JSON line on a pipe, without ever
+  waiting, and only while no request waits for the primary: under load, and beyond `serve.shadow_queue` texts not
+  yet compared or a full pipe, the batch is dropped and counted. `serve.shadow_sample` below 1 compares only
+  that share of batches (the CPU the shadow takes from the machine scales with it).
 
-Each compared text adds a line to a JSONL log (`serve.shadow_log`, rolled over to `<log>.1` at
+The worker compares, appends one line per text to a JSONL log (`serve.shadow_log`, rolled over to `<log>.1` at
 `serve.shadow_log_mb`): both versions' labels and scores, whether they agree, and the model time of the batch
-each ran in. The texts themselves are never written. Agreement, dropped texts and disagreeing label pairs also go
-to the metrics.
+each ran in (the texts themselves are never written), and reports counts back on its stdout, which the server
+turns into metrics: agreement, dropped texts, disagreeing label pairs, the shadow's model time.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
+import random
+import select
+import subprocess
 import sys
 import threading
 import time
@@ -30,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from deploy import metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class RollingLog:
@@ -53,97 +60,158 @@ class RollingLog:
 
 
 class Shadow:
-    """`offer(texts, primary_predictions, primary_seconds)` from the primary's batcher; never blocks."""
+    """The server's side: starts the worker, `offer`s it batches (never blocks), reads its counts into metrics."""
 
-    def __init__(self, load: Callable[[], Any], log: RollingLog, capacity: int, primary_busy: Callable[[], bool],
-                 max_batch: int = 32):  # fmt: skip
-        self.load, self.log, self.capacity, self.primary_busy = load, log, capacity, primary_busy
-        self.max_batch = max_batch
-        self.items: queue.Queue[tuple[str, Any, float, int] | None] = queue.Queue()
-        self.queued = 0
+    def __init__(self, folder: Path, log: Path, log_mb: float, capacity: int, max_batch: int = 32,
+                 sample: float = 1.0, primary_busy: Callable[[], bool] = lambda: False):  # fmt: skip
+        self.capacity, self.in_flight, self.pending = capacity, 0, b""
+        self.sample, self.primary_busy, self.rng = sample, primary_busy, random.Random(0)
         self.lock = threading.Lock()
+        cmd = [sys.executable, "-m", "deploy.shadow", "worker", "--version", str(folder), "--log", str(log),
+               "--log-mb", str(log_mb), "--max-batch", str(max_batch)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.reader = threading.Thread(target=self.read_counts, name="shadow-counts", daemon=True)
         self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.classifier: Any = None
-        self.thread = threading.Thread(target=self.main, name="shadow", daemon=True)
+        self.info: dict[str, Any] = {}
 
-    def start(self, timeout_s: float = 300.0) -> Any:
-        """Start the thread, load the shadow version in it and return it (or raise its load error)."""
-        self.thread.start()
+    def start(self, timeout_s: float = 300.0) -> dict[str, str]:
+        """Wait for the worker to load its version; its model info, or a RegistryError with the worker's reason."""
+        from stages.registry import RegistryError
+
+        self.reader.start()
         self.ready.wait(timeout_s)
-        if self.error is not None:
-            raise self.error
-        return self.classifier
+        if "error" in self.info or not self.ready.is_set():
+            self.proc.kill()
+            raise RegistryError(f"shadow: {self.info.get('error', 'the worker did not start')}")
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        return self.info
 
     def offer(self, texts: list[str], predictions: list[Any], seconds: float) -> None:
+        """Hand a batch to the worker, unless it is not sampled, the primary has requests waiting (under load
+        the shadow's work is what gives way), the worker holds `capacity` texts, or the pipe is full."""
+        if self.sample < 1.0 and self.rng.random() >= self.sample:
+            metrics.SHADOW.labels("not_sampled").inc(len(texts))
+            return
+        if self.primary_busy():
+            metrics.SHADOW.labels("dropped").inc(len(texts))
+            return
         with self.lock:
-            room = self.capacity - self.queued
-            take = min(room, len(texts))
-            self.queued += take
-        if take < len(texts):
-            metrics.SHADOW.labels("dropped").inc(len(texts) - take)
-        for text, pred in zip(texts[:take], predictions[:take], strict=True):
-            self.items.put((text, pred, seconds, len(texts)))
-        metrics.QUEUE_DEPTH.labels("shadow").set(self.queued)
+            if self.pending:
+                self.flush()
+            if self.pending or self.in_flight + len(texts) > self.capacity or self.proc.poll() is not None:
+                metrics.SHADOW.labels("dropped").inc(len(texts))
+                return
+            self.in_flight += len(texts)
+            line = {
+                "texts": texts,
+                "labels": [p.label for p in predictions],
+                "scores": [round(p.score, 6) for p in predictions],
+                "batch_ms": round(seconds * 1e3, 3),
+            }
+            self.pending = json.dumps(line).encode() + b"\n"
+            self.flush()
+        metrics.QUEUE_DEPTH.labels("shadow").set(self.in_flight)
 
-    def main(self) -> None:
+    def flush(self) -> None:
+        """Write what the pipe takes now; the rest waits for the next offer (call under the lock)."""
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread, and threads it creates
+            written = os.write(self.proc.stdin.fileno(), self.pending)
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, OSError):
+            written = len(self.pending)  # the worker is gone: nothing more reaches it
+        self.pending = self.pending[written:]
+
+    def read_counts(self) -> None:
+        for raw in self.proc.stdout:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if "ready" in msg or "error" in msg:
+                self.info = msg.get("ready") or {"error": msg["error"]}
+                self.ready.set()
+                continue
+            metrics.SHADOW.labels("agree").inc(msg["agree"])
+            metrics.SHADOW.labels("disagree").inc(msg["disagree"])
+            for primary, shadow, n in msg["pairs"]:
+                metrics.SHADOW_PAIRS.labels(primary, shadow).inc(n)
+            metrics.MODEL_SECONDS.labels("shadow").observe(msg["batch_ms"] / 1e3)
+            with self.lock:
+                self.in_flight -= msg["agree"] + msg["disagree"]
+            metrics.QUEUE_DEPTH.labels("shadow").set(self.in_flight)
+        self.ready.set()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Let the worker finish what it holds (within `timeout_s`) and stop."""
+        try:
+            self.proc.stdin.close()
         except OSError:
             pass
         try:
-            self.classifier = self.load()
-        except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it in the main thread
-            self.error = exc
-            self.ready.set()
-            return
-        self.ready.set()
-        while True:
-            first = self.items.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    item = self.items.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.items.put(None)
-                    break
-                batch.append(item)
-            while self.primary_busy():
-                time.sleep(0.002)
-            self.compare(batch)
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.reader.join(1.0)
 
-    def compare(self, batch: list[tuple[str, Any, float, int]]) -> None:
+
+# ---- the worker ----------------------------------------------------------------------------------------
+
+
+def worker(folder: Path, log: RollingLog, max_batch: int) -> None:
+    """Read batches on stdin, classify them with the shadow version, log each text, report counts on stdout."""
+    from deploy.runtime import Classifier
+
+    os.nice(19)
+    try:
+        shadow = Classifier(folder, threads=1, max_batch=max_batch, spinning=False)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start with it
+        print(json.dumps({"error": str(exc).splitlines()[0]}), flush=True)
+        return
+    print(json.dumps({"ready": {"model": shadow.model, "version": shadow.version, "variant": shadow.record.variant,
+                                "backend": shadow.record.backend}}), flush=True)  # fmt: skip
+    for batch in batches(sys.stdin.buffer, max_batch):
+        texts = [t for b in batch for t in b["texts"]]
         start = time.monotonic()
-        shadow = self.classifier.classify([text for text, *_ in batch], 1)
-        seconds = time.monotonic() - start
-        metrics.MODEL_SECONDS.labels("shadow").observe(seconds)
-        lines = []
-        for (_, pred, primary_s, primary_n), other in zip(batch, shadow, strict=True):
-            agree = pred.label == other.label
-            metrics.SHADOW.labels("agree" if agree else "disagree").inc()
-            if not agree:
-                metrics.SHADOW_PAIRS.labels(pred.label, other.label).inc()
-            lines.append({
-                "agree": agree,
-                "primary": {"label": pred.label, "score": round(pred.score, 6), "batch_ms": round(primary_s * 1e3, 3),
-                            "batch": primary_n},
-                "shadow": {"label": other.label, "score": round(other.score, 6), "batch_ms": round(seconds * 1e3, 3),
-                           "batch": len(batch)},
-            })  # fmt: skip
-        self.log.write(lines)
-        with self.lock:
-            self.queued -= len(batch)
-        metrics.QUEUE_DEPTH.labels("shadow").set(self.queued)
+        preds = shadow.classify(texts, 1)
+        ms = round((time.monotonic() - start) * 1e3, 3)
+        lines, pairs = [], Counter()
+        at = 0
+        for b in batch:
+            for label, score in zip(b["labels"], b["scores"], strict=True):
+                other = preds[at]
+                at += 1
+                if label != other.label:
+                    pairs[(label, other.label)] += 1
+                lines.append({"agree": label == other.label,
+                              "primary": {"label": label, "score": score, "batch_ms": b["batch_ms"],
+                                          "batch": len(b["texts"])},
+                              "shadow": {"label": other.label, "score": round(other.score, 6), "batch_ms": ms,
+                                         "batch": len(texts)}})  # fmt: skip
+        log.write(lines)
+        disagree = sum(pairs.values())
+        report = {"agree": len(texts) - disagree, "disagree": disagree, "batch_ms": ms,
+                  "pairs": [[p, s, n] for (p, s), n in pairs.items()]}  # fmt: skip
+        print(json.dumps(report), flush=True)
+    log.close()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Finish what is queued within `timeout_s` (the rest is dropped with the process), close the log."""
-        self.items.put(None)
-        self.thread.join(timeout_s)
-        self.log.close()
+
+def batches(stream: Any, max_batch: int) -> Any:
+    """Lists of decoded lines: each waits for one line, then takes what else is ready, up to `max_batch` texts."""
+    while True:
+        line = stream.readline()
+        if not line:
+            return
+        batch, texts = [json.loads(line)], len(json.loads(line)["texts"])
+        while texts < max_batch and select.select([stream], [], [], 0)[0]:
+            more = stream.readline()
+            if not more:
+                break
+            batch.append(json.loads(more))
+            texts += len(batch[-1]["texts"])
+        yield batch
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -198,7 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="agreement, confusion and latencies of a shadow log")
     rep.add_argument("logs", nargs="+", type=Path, help="the shadow log (and its rolled-over .1, if wanted)")
     rep.add_argument("--top", type=int, default=15, help="label pairs and labels listed (default 15)")
+    work = sub.add_parser("worker", help="(run by the server) compare batches read on stdin")
+    work.add_argument("--version", type=Path, required=True, help="the shadow version's folder")
+    work.add_argument("--log", type=Path, required=True)
+    work.add_argument("--log-mb", type=float, default=64.0)
+    work.add_argument("--max-batch", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        worker(args.version, RollingLog(args.log, int(args.log_mb * 1e6)), args.max_batch)
+        return 0
     missing = [str(p) for p in args.logs if not p.is_file()]
     if missing:
         print(f"shadow report: no such log: {', '.join(missing)}", file=sys.stderr)
