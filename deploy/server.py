@@ -177,6 +177,33 @@ async def send_error(send: ASGI, status: int, message: str, headers: dict[str, s
     await send_json(send, status, orjson.dumps({"error": message}), headers)
 
 
+MAX_NESTING = 32  # a v2 request nests 4 levels (body, inputs, input, data)
+
+
+def nesting(body: bytes) -> int:
+    """How deep JSON arrays and objects nest in `body` (strings skipped); cheap unless brackets abound."""
+    if body.count(b"[") + body.count(b"{") <= MAX_NESTING:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def versioned_target(scope: dict[str, Any]) -> tuple[str, str, str] | None:
     """(model, version, suffix) of a request naming a version: `/v2/models/<m>/versions/<v>[/infer|/ready]`, or
     `/v2/models/<m>[/infer|/ready]?model_version=<v>` (KServe's handlers read that query too)."""
@@ -284,6 +311,11 @@ class Guard:
             except UnicodeDecodeError as exc:
                 metrics.REJECTS.labels("bad_input").inc()
                 await send_error(send, 400, f"the body is not valid UTF-8 (byte {exc.start})")
+                return None
+            depth = nesting(body)
+            if depth > MAX_NESTING:  # FastAPI would echo it back in a 422 and fail to encode it (RecursionError)
+                metrics.REJECTS.labels("bad_input").inc()
+                await send_error(send, 400, f"the body nests JSON {depth} levels deep; at most {MAX_NESTING}")
                 return None
         return body
 

@@ -125,6 +125,8 @@ BAD = [
     ("v2 an empty text", f"/v2/models/{MODEL}/infer", v2_body(["a", ""]), {}, 422, "inputs[0].data[1] is empty"),
     ("v2 top_k text", f"/v2/models/{MODEL}/infer", v2_body(["a"], top_k="3"), {}, 422, "parameters.top_k"),
     ("v2 too many texts", f"/v2/models/{MODEL}/infer", v2_body(["a"] * 9), {}, 413, "at most 8"),
+    ("v2 2,000-deep JSON", f"/v2/models/{MODEL}/infer", b"[" * 2000 + b"]" * 2000, {}, 400, "levels deep"),
+    ("v1 nested texts", "/v1/classify", {"texts": [[["a"]]]}, {}, 422, "texts[0] must be a string"),
     ("unknown model", "/v2/models/nope/infer", v2_body(["a"]), {}, 404, "nope"),
     ("unknown version", f"/v2/models/{MODEL}/versions/9.9.9/infer", v2_body(["a"]), {}, 404, "9.9.9"),
 ]
@@ -318,3 +320,22 @@ def test_model_repository_control_and_the_v1_protocol_are_not_served(server):
     assert r.status_code == 404 and "not served" in r.json()["error"]
     assert httpx.post(f"{server.url}/v1/models/{MODEL}:predict", json={"instances": ["a"]}).status_code == 404
     assert httpx.get(f"{server.url}/v2/models/{MODEL}/ready").json()["ready"] is True
+
+
+def test_readiness_is_false_while_the_model_loads_and_warms(registry):
+    """The server listens first (live), and is ready only after loading and a warm-up of at least 0.5 s."""
+    s = Server(registry)
+    seen: list[int] = []
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end and 200 not in seen:
+            try:
+                if httpx.get(f"{s.url}/v2/health/live", timeout=1).status_code == 200:
+                    seen.append(httpx.get(f"{s.url}/v2/health/ready", timeout=1).status_code)
+                    r = httpx.post(f"{s.url}/v1/classify", json={"texts": ["a"]}, timeout=5)
+                    assert r.status_code in (200, 503), r.text
+            except httpx.TransportError:
+                time.sleep(0.02)
+    finally:
+        code, _ = s.stop()
+    assert seen and seen[0] == 503 and seen[-1] == 200 and code == 0, seen
