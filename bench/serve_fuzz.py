@@ -154,7 +154,7 @@ def wait_ready(url: str, server: subprocess.Popen) -> None:
 
     for _ in range(600):
         if server.poll() is not None:
-            raise SystemExit(f"the server exited {server.returncode}; its output is in the --log file")
+            raise SystemExit(f"the server exited {server.returncode}; its output is in its log file")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 return

@@ -96,18 +96,9 @@ class Server:
                str(port), "--grpc", "false", "--params", "/nonexistent", *flags]  # fmt: skip
         self.log = open(log, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        import httpx
+        from serve_fuzz import wait_ready  # bench/ is the script's folder, on sys.path
 
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("the server did not become ready")
+        wait_ready(self.url, self.proc)
 
     def stop(self) -> int:
         self.proc.terminate()
