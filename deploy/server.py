@@ -114,6 +114,8 @@ def v2_texts(payload: Any, service: Service) -> tuple[list[str], int]:
 async def v1_classify(service: Service, body: bytes, headers: dict[str, str]) -> bytes:
     """`{"texts": [...], "top_k": k}` -> `{"model", "version", "predictions": [{"label", "score", "top_k"}]}`.
     Served by `Guard` itself, in plain ASGI: the lean route, without FastAPI's routing and validation."""
+    if service.classifier is None:  # before checking top_k against the model's labels
+        raise Rejected(503, "the model is still loading; retry shortly", "loading")
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -201,8 +201,10 @@ def sweep_kills(root: Path, seconds: dict[str, float], per_stage: dict[str, int]
             after = state(root, outs)
             changed = status_changed(root, stage)
             rerun = recover_and_rerun(root, stage)
-            if "is cached - skipping run" in rerun.stdout + rerun.stderr:
-                # restored from DVC's run cache: the stage did not run, so its leftovers go at the next stage run
+            if any(m in rerun.stdout + rerun.stderr for m in ("is cached - skipping run", "didn't change, skipping")):
+                # The stage did not run: restored from DVC's run cache, or unchanged because the kill came before
+                # it wrote anything (the killed run was forced with -f, the rerun is not). Its leftovers (the
+                # killed run's scratch folder) go at the next stage run, as flows/recover.py documents.
                 dvc(root, "repro", "--single-item", "fingerprint")
             now = state(root, outs)
             refs.setdefault(value, now)
