@@ -187,6 +187,3 @@ class Batcher:
         while (self.queued_texts > 0 or self.running) and time.monotonic() < end:
             await asyncio.sleep(0.01)
         return self.queued_texts == 0 and not self.running
-
-    def busy(self) -> bool:
-        return self.running or self.queued_texts > 0
