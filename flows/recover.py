@@ -6,11 +6,13 @@ DVC rewrites two files in place (it truncates, then writes), so a `kill -9` of a
 leaves them empty or cut, and every later `dvc` command stops:
 - its stage lock file `.dvc/tmp/rwlock` ("Unable to read RWLock-file ... JSON structure is corrupted"; DVC's
   advice is to remove it by hand): `recover` removes it;
-- `dvc.lock` ("'./dvc.lock' validation failed"): `recover` puts back the copy the last stage run took when it
-  started (`.dvc/tmp/distillery-dvc.lock`, saved by `stages/runner/guard.py` while DVC's copy was sound), else
+- `dvc.lock` ("'./dvc.lock' validation failed", or, when the cut fell on a line boundary, a lock that parses
+  but lacks the stages after the cut, so a stage finds its inputs made by nobody): `recover` puts back the
+  copy the last stage run took when it started (`.dvc/tmp/distillery-dvc.lock.json`, saved by
+  `stages/runner/guard.py`; `stages/runner/lockfile.py` tells a cut lock from one changed on purpose), else
   git's HEAD version. Entries written since are lost, which only makes `dvc status` report those stages
   changed: the next `dvc repro` runs them again.
-Both only when the file does not parse and no DVC process holds the repository (`recover` takes DVC's
+Both only when the file is damaged and no DVC process holds the repository (`recover` takes DVC's
 repository lock `.dvc/tmp/lock` while it works; a running `dvc` keeps that lock for its whole run), so a live
 run's files are never touched. The leftovers of killed stage runs (temporary files, scratch folders)
 need no command: the next stage run removes them (`stages/runner/guard.py`).
@@ -28,12 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from stages.runner import lockfile
+
 
 class Busy(Exception):
     """A DVC process holds the repository."""
-
-
-LOCK_BACKUP = "distillery-dvc.lock"  # under .dvc/tmp/
 
 
 def sound_rwlock(path: Path) -> bool:
@@ -42,11 +43,15 @@ def sound_rwlock(path: Path) -> bool:
 
 
 def sound_lockfile(path: Path) -> bool:
-    """dvc.lock parses and passes DVC's own schema."""
+    """dvc.lock parses and passes DVC's own schema (else an exception)."""
+    return schema_ok(path.read_text(encoding="utf-8"))
+
+
+def schema_ok(text: str) -> bool:
     import yaml
     from dvc.schema import COMPILED_LOCKFILE_SCHEMA
 
-    COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(text) or {})
     return True
 
 
@@ -87,24 +92,37 @@ def repair_rwlock(root: str | Path) -> str | None:
 
 
 def repair_lockfile(root: str | Path) -> str | None:
-    """Put back a sound dvc.lock when DVC left it cut; what was done, or None."""
+    """Put back a sound dvc.lock when DVC left it cut (unparseable, or a prefix that parses: see
+    `stages/runner/lockfile.py`); what was done, or None."""
     root = Path(root)
-    path, backup = root / "dvc.lock", root / ".dvc" / "tmp" / LOCK_BACKUP
-    if not damaged(path, sound_lockfile):
+    path = root / "dvc.lock"
+    why = "does not parse" if damaged(path, sound_lockfile) else lockfile.check(root)
+    if not why:
         return None
     with dvc_idle(root, path):
-        if backup.is_file() and not damaged(backup, sound_lockfile):
-            text, source = backup.read_text(encoding="utf-8"), f"the copy the last stage run took ({backup})"
+        saved = lockfile.load(root)
+        if saved is not None and sound_text(saved[0]):
+            text, source = saved[0], f"the copy the last stage run took (.dvc/tmp/{lockfile.BACKUP})"
         else:
             shown = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True)
             if shown.returncode != 0:
-                raise Busy(f"{path} is damaged and neither {backup} nor git HEAD holds a sound copy; remove it "
-                           "(every stage then reruns)")  # fmt: skip
+                raise Busy(f"{path} is damaged ({why}) and neither .dvc/tmp/{lockfile.BACKUP} nor git HEAD holds "
+                           "a sound copy; remove it (every stage then reruns)")  # fmt: skip
             text, source = shown.stdout, "git HEAD"
         tmp = path.with_name(".dvc.lock.recover.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    return f"restored {path} from {source}: a dvc process was killed while writing it; stages it ran since rerun"
+    return (f"restored {path} from {source}: {why}, a dvc process was killed while writing it; the stages it ran "
+            "since rerun")  # fmt: skip
+
+
+def sound_text(text: str) -> bool:
+    """A saved copy that passes DVC's lock schema, every entry whole."""
+    try:
+        schema_ok(text)
+    except Exception:  # noqa: BLE001 - any parse or schema error
+        return False
+    return all(lockfile.entry_complete(e) for e in lockfile.stages_of(text).values())
 
 
 def repair(root: str | Path) -> list[str]:

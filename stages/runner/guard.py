@@ -11,8 +11,9 @@ At the start (`RunGuard.start`):
   a crash between the renames of a stage's outputs leaves a mixed set. Either way the bytes differ from the
   lock, and the stage refuses to read them, naming the file and the stage that makes it;
 - **params**: the sections of params.yaml the stage tracks (its `params:` in dvc.yaml) are hashed;
-- **dvc.lock** is copied to `.dvc/tmp/distillery-dvc.lock` (DVC rewrites it in place after the run; a kill
-  then can cut it, and `python -m flows.recover` puts the copy back).
+- **dvc.lock** is copied to `.dvc/tmp/distillery-dvc.lock.json` (DVC rewrites it in place after the run; a kill
+  then can cut it, and `python -m flows.recover` puts the copy back). A lock that parses but was cut short
+  (stages missing after the cut, see `stages/runner/lockfile.py`) is refused, naming `flows.recover`.
 
 Before any output is renamed into place (`before_commit`, also before publish renames a version into the
 registry) the sections are hashed again: if params.yaml changed while the stage ran, the stage fails and
@@ -36,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from stages.runner import lockfile
 from stages.runner.errors import StageError
 from stages.storage import atomic
 from stages.storage.hashing import dvc_md5
@@ -122,13 +124,17 @@ class RunGuard:
         return self
 
     def save_lockfile(self) -> None:
-        """A copy of dvc.lock as DVC left it sound (it read it to start this run): DVC rewrites the file in place
-        after the run, and `python -m flows.recover` puts this copy back if a kill cuts that write short."""
-        lock, tmp_dir = self.root / "dvc.lock", self.root / ".dvc" / "tmp"
-        if lock.is_file() and tmp_dir.is_dir():
-            tmp = tmp_dir / ".distillery-dvc.lock.tmp"
-            shutil.copyfile(lock, tmp)
-            os.replace(tmp, tmp_dir / "distillery-dvc.lock")
+        """A copy of dvc.lock as DVC read it to start this run: DVC rewrites the file in place after the run, and
+        `python -m flows.recover` puts this copy back if a kill cuts that write short. A lock already cut short
+        (one that parses; DVC refuses the others itself) is refused, not copied over the copy that repairs it."""
+        cut = lockfile.check(self.root)
+        if cut:
+            raise StageError(
+                f"dvc.lock: {cut}: a dvc process was killed while rewriting it. Run `python -m flows.recover` (it "
+                f"puts back .dvc/tmp/{lockfile.BACKUP}, the copy the last stage run took), then run again. If you "
+                f"changed dvc.lock on purpose, remove that copy instead"
+            )
+        lockfile.save(self.root, self.stage)
 
     def sweep(self, outs: list[str]) -> None:
         for out in outs:
