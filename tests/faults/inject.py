@@ -220,7 +220,8 @@ def sweep_kills(root: Path, seconds: dict[str, float], per_stage: dict[str, int]
             note = f"{stage} at {delay:.1f}s: corrupt {corrupt}, status reported {reported}, rerun {rerun.returncode}"
             row.add(reported and not corrupt, note, corrupted=len(corrupt), recovered=recovered)
             if not recovered and len(row.notes) < 5:
-                row.notes.append(f"{stage} at {delay:.1f}s: not recovered ({rerun.stderr.strip()[-200:]}; "
+                said = [ln for ln in rerun.stderr.splitlines() if "error" in ln.lower()] or [rerun.stderr.strip()]
+                row.notes.append(f"{stage} at {delay:.1f}s: not recovered ({said[0][-300:]}; "
                                  f"leftovers {leftovers(root)[:3]})")  # fmt: skip
         if flip and value != 0:  # back to the reference, so the stages after it find the lock as they left it
             set_param(root, flip, 0)
