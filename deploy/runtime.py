@@ -22,14 +22,46 @@ from typing import Any
 
 import numpy as np
 
-from stages.registry import SIGNATURE, SUMS, RegistryError, RuntimeRecord, file_sums, read_runtime, read_sums, resolve
+from stages.model import rejection
+from stages.registry import (
+    SIGNATURE,
+    SUMS,
+    RegistryError,
+    RejectRecord,
+    RuntimeRecord,
+    file_sums,
+    read_runtime,
+    read_sums,
+    resolve,
+)
+from stages.runner.errors import StageError
 
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str
-    score: float
+    label: str  # the intent, or reject.json's label when the text is out of scope
+    score: float  # the top intent's softmax probability
     top: list[tuple[str, float]]  # the top-k labels and their softmax scores, best first
+    out_of_scope: bool = False
+    scope_score: float | None = None  # the rejection method's in-scope score (None: the version rejects nothing)
+
+
+def read_reject(folder: Path) -> RejectRecord | None:
+    """The version's out-of-scope rule (reject.json), or None when it rejects nothing (method none, or a version
+    published before rules were)."""
+    path = folder / "reject.json"
+    if not path.is_file():
+        return None
+    try:
+        record = RejectRecord.read(path)
+    except StageError as exc:
+        raise RegistryError(str(exc)) from exc
+    if record.method == "none":
+        return None
+    if record.method not in rejection.LOGIT_METHODS or record.threshold is None:
+        raise RegistryError(f"{path}: method {record.method!r} with threshold {record.threshold!r} cannot be served "
+                            f"(one of {', '.join(rejection.LOGIT_METHODS)} with a threshold)")  # fmt: skip
+    return record
 
 
 def check_files(folder: Path) -> None:
@@ -78,6 +110,7 @@ class Classifier:
             raise RegistryError(f"{folder / 'labels.json'}: label ids must be 0..{len(labels) - 1}")
         options = self.record.session_options or {}
         self.threads = threads or int(options.get("intra_op_num_threads", 2))
+        self.reject = read_reject(folder)
         self._tokenizer = self._load_tokenizer()
         self.pad_id = self._pad_id()
         self._run = self._load_model()
@@ -143,10 +176,15 @@ class Classifier:
         probs = shifted / shifted.sum(axis=1, keepdims=True)
         k = min(top_k, len(self.labels))
         best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [
-            Prediction(self.labels[row[0]], float(p[row[0]]), [(self.labels[j], float(p[j])) for j in row])
-            for row, p in zip(best, probs, strict=True)
-        ]
+        rule = self.reject
+        scope = rejection.scores(rule.method, logits) if rule is not None else [None] * len(texts)
+        out = []
+        for row, p, s in zip(best, probs, scope, strict=True):
+            rejected = rule is not None and s < rule.threshold
+            label = rule.label if rejected else self.labels[row[0]]
+            top = [(self.labels[j], float(p[j])) for j in row]
+            out.append(Prediction(label, float(p[row[0]]), top, bool(rejected), None if s is None else float(s)))
+        return out
 
     def warm_up(self, seconds: float = 1.0) -> int:
         """Run batches of every width the server will see first, so the first requests do not pay for ONNX

@@ -4,7 +4,9 @@ KServe's `Model` and its REST and gRPC servers give the protocol: `/v2/health/li
 `/v2/models/<name>[/versions/<v>]/ready`, model metadata, `/v2/models/<name>/infer`, and the gRPC
 `GRPCInferenceService`. This module adds:
 - `IntentModel`: input `text` (BYTES, shape [n] or [n, 1]); outputs `label` (BYTES [n]), `score` (FP32 [n]),
-  `top_k_labels` (BYTES [n, k]) and `top_k_scores` (FP32 [n, k]); `parameters.top_k` chooses k;
+  `top_k_labels` (BYTES [n, k]), `top_k_scores` (FP32 [n, k]) and `out_of_scope` (BOOL [n]: the version's
+  reject.json rule turned the text away, and `label` is that rule's label, e.g. out_of_scope);
+  `parameters.top_k` chooses k;
 - `POST /v1/classify {"texts": [...], "top_k": 3}` for clients that do not speak v2;
 - `Guard`, the outermost ASGI layer: request counts and latency by route and status, the body limit (413 from
   Content-Length, or after reading at most `max_body_bytes`), invalid UTF-8 (400), and versioned v2 paths
@@ -63,6 +65,7 @@ def kserve_model_class() -> type:
                 {"name": "score", "datatype": "FP32", "shape": [-1]},
                 {"name": "top_k_labels", "datatype": "BYTES", "shape": [-1, -1]},
                 {"name": "top_k_scores", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "out_of_scope", "datatype": "BOOL", "shape": [-1]},
             ]
 
         async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
@@ -74,6 +77,7 @@ def kserve_model_class() -> type:
                 InferOutput("score", [n], "FP32", [p.score for p in preds]),
                 InferOutput("top_k_labels", [n, top_k], "BYTES", [lab for p in preds for lab, _ in p.top[:top_k]]),
                 InferOutput("top_k_scores", [n, top_k], "FP32", [s for p in preds for _, s in p.top[:top_k]]),
+                InferOutput("out_of_scope", [n], "BOOL", [p.out_of_scope for p in preds]),
             ]
             return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=outputs,
                                  use_binary_outputs=False, model_version=self.service.version)  # fmt: skip
@@ -112,7 +116,8 @@ def v2_texts(payload: Any, service: Service) -> tuple[list[str], int]:
 
 
 async def v1_classify(service: Service, body: bytes, headers: dict[str, str]) -> bytes:
-    """`{"texts": [...], "top_k": k}` -> `{"model", "version", "predictions": [{"label", "score", "top_k"}]}`.
+    """`{"texts": [...], "top_k": k}` -> `{"model", "version", "predictions": [{"label", "score", "out_of_scope",
+    "scope_score", "top_k"}]}`.
     Served by `Guard` itself, in plain ASGI: the lean route, without FastAPI's routing and validation."""
     if service.classifier is None:  # before checking top_k against the model's labels
         raise Rejected(503, "the model is still loading; retry shortly", "loading")
@@ -134,7 +139,8 @@ async def v1_classify(service: Service, body: bytes, headers: dict[str, str]) ->
         "model": service.name,
         "version": service.version,
         "predictions": [
-            {"label": p.label, "score": p.score, "top_k": [{"label": lab, "score": s} for lab, s in p.top[:top_k]]}
+            {"label": p.label, "score": p.score, "out_of_scope": p.out_of_scope, "scope_score": p.scope_score,
+             "top_k": [{"label": lab, "score": s} for lab, s in p.top[:top_k]]}
             for p in preds
         ],
     })  # fmt: skip
@@ -341,7 +347,7 @@ CLASSIFY_SCHEMA = {
                 },
             }}},
         },
-        "responses": {"200": {"description": "label, score and top-k labels per text"}},
+        "responses": {"200": {"description": "label, score, out_of_scope, scope_score and top-k labels per text"}},
     }
 }  # fmt: skip
 

@@ -51,8 +51,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from stages.model import rejection
 from stages.model.encoder import FLOPS_SEQ_LEN, TokenizedTexts, flops_per_token, layer_shapes, load, load_tokenizer
 from stages.model.evaluation import label_quality
+from stages.model.rejection import RejectParams
 from stages.plots import latency_png, pareto_png
 from stages.records import (
     NOISE_LIMIT,
@@ -422,9 +424,24 @@ class Measured:
         return {n: {**r.to_dict(), **t[n].to_dict()} for n, r in self.results.variants.items()}
 
 
-def score(v: Variant, texts: list[str], truth: list[int], names: list[str]) -> VariantResult:
+@dataclass(frozen=True)
+class ScopeRows:
+    """What out-of-scope rejection is calibrated on (validation rows of known intents) and scored against
+    (clean's test_oos rows: `clean.oos_label` and held-out intents)."""
+
+    val: list[str]
+    test_oos: list[str]
+    recall: float
+
+
+def score(v: Variant, texts: list[str], truth: list[int], names: list[str],
+          scope: ScopeRows | None = None) -> VariantResult:  # fmt: skip
     print(f"benchmark: scoring {v.name}", file=sys.stderr)
-    row = {**label_quality(v.logits(texts), truth, names), "size_mb": v.size_mb()}
+    logits = v.logits(texts)
+    row = {**label_quality(logits, truth, names), "size_mb": v.size_mb()}
+    if scope is not None and scope.val:
+        oos = v.logits(scope.test_oos) if scope.test_oos else np.zeros((0, len(names)))
+        row["rejection"] = rejection.fit_and_evaluate(v.logits(scope.val), logits, oos, truth, scope.recall)
     extra = {"file": v.artifact.as_posix(), "sha256": sha256_file(v.artifact)} if v.artifact is not None else {}
     arch = architecture(v.flops_model) if v.flops_model is not None else None
     return VariantResult(**row, precision=v.precision, device=v.device, publishable=v.artifact is not None,
@@ -487,13 +504,13 @@ def probe_spec(spec: dict[str, Any], test: pl.DataFrame, rt: RuntimeParams) -> d
 
 def benchmark(variants: list[Variant], test: pl.DataFrame, labels: dict[str, int], p: BenchmarkParams,
               rt: RuntimeParams, probes: dict[str, dict[str, Any]], skipped: dict[str, str],
-              started: Probes | None = None) -> Measured:  # fmt: skip
+              started: Probes | None = None, scope: ScopeRows | None = None) -> Measured:  # fmt: skip
     """Score, time and measure every variant on the test rows, side by side in one run. `started`: memory
     probes launched earlier (the PyTorch teacher's, while the baselines were exported), waited for before
     anything is timed."""
     names = [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1])]
     texts, truth = test["text"].to_list(), [labels[x] for x in test["label"]]
-    results = {v.name: score(v, texts, truth, names) for v in variants}
+    results = {v.name: score(v, texts, truth, names, scope) for v in variants}
     early = started.results() if started is not None else {}
     sampled = latencies(variants, texts, names, p)
     model, e2e = sampled.model, sampled.end_to_end
@@ -550,8 +567,34 @@ def report_md(m: Measured, p: BenchmarkParams) -> str:
             f"Pareto front: {', '.join(t.pareto_front)}.",
             "",
             *([f"Not measured: {', '.join(f'{k} ({v})' for k, v in skipped.items())}.", ""] if skipped else []),
+            *rejection_table(r),
         ]
     )
+
+
+def rejection_table(r: BenchmarkResults) -> list[str]:
+    """Out-of-scope rejection of every variant and method: calibrated on validation, scored on the test rows."""
+    rows = {n: v.rejection for n, v in r.variants.items() if v.rejection}
+    if not rows:
+        return []
+    first = next(iter(rows.values()))
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = [
+        "## Out-of-scope rejection",
+        "",
+        f"Thresholds keep {first['in_scope_recall']:.0%} of {first['val_rows']} validation rows of known intents; "
+        f"test: {next(iter(first['methods'].values()))['out_of_scope_rows']} out-of-scope rows (clean's test_oos). "
+        "Accuracy counts a rejected in-scope row wrong.",
+        "",
+        "| variant | method | AUROC | FPR at 95% TPR | out-of-scope rejected | in-scope accepted | in-scope acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rej in rows.items():
+        for method, m in rej["methods"].items():
+            lines.append(f"| {name} | {method} | {fmt(m['auroc'])} | {fmt(m['fpr_at_95'])} | "
+                         f"{fmt(m['out_of_scope_recall'])} | {fmt(m['in_scope_accepted'])} | "
+                         f"{fmt(m['in_scope_accuracy'])} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def summary(r: BenchmarkResults) -> dict[str, Any]:
@@ -588,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = read_params(RuntimeParams, "runtime", args.params)
     torch.set_num_threads(rt.threads)
     torch.manual_seed(p.seed)
-    frames = read_frames(args.clean, ("train", "test"), upstream="clean")
+    reject = read_params(RejectParams, "reject", args.params)
+    frames = read_frames(args.clean, ("train", "test", "val", "test_oos"), upstream="clean")
     labels = json.loads(require(args.clean / "labels.json", "clean").read_text(encoding="utf-8"))
     started = Probes()
     if p.memory:  # the slowest probe (it imports torch) runs while the baselines are exported: nothing is timed
@@ -598,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         published, skipped = publishable_variants(inputs, rt)
         variants += published
         probes = memory_probes(variants, inputs)
-        m = benchmark(variants, frames["test"], labels, p, rt, probes, skipped, started)
+        scope = ScopeRows(frames["val"]["text"].to_list(), frames["test_oos"]["text"].to_list(), reject.in_scope_recall)
+        m = benchmark(variants, frames["test"], labels, p, rt, probes, skipped, started, scope)
     with outputs() as w:
         w.json(args.out / "metrics.json", m.results.to_dict())
         w.json(args.out / "summary.json", summary(m.results))

@@ -10,6 +10,7 @@ no clean split; the validation report (and the quarantine) are still written for
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,15 @@ from stages.runner.errors import ParamError, StageError
 from stages.runner.params import read_params
 from stages.storage.atomic import outputs
 
-CLEAN_OUTPUTS = ("train.parquet", "val.parquet", "test.parquet", "labels.json", "clean.json")
+CLEAN_OUTPUTS = (
+    "train.parquet",
+    "val.parquet",
+    "test.parquet",
+    "val_oos.parquet",
+    "test_oos.parquet",
+    "labels.json",
+    "clean.json",
+)
 RULES = (
     "null_text",
     "null_label",
@@ -64,6 +73,8 @@ class CleanParams:
     max_quarantine_fraction: float = 0.05  # more bad rows than this means the source is broken: fail closed
     max_label_chars: int = 64  # a longer label is a text pasted into the label column, not a class name
     typo_min_chars: int = 12  # texts this long that differ by one typo are near-duplicates; 0 = off
+    oos_label: str | None = None  # a label that means "no known intent": never a class, it evaluates rejection
+    holdout_labels: float = 0.0  # share of intents held out as unknown (seeded by `seed`); 0 = off
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_chars, int) or self.max_chars < 1:
@@ -84,6 +95,10 @@ class CleanParams:
                 )
         if not 0.0 <= float(self.max_quarantine_fraction) <= 1.0:
             raise ParamError(f"clean.max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction}")
+        if not 0.0 <= float(self.holdout_labels) < 1.0:
+            raise ParamError(f"clean.holdout_labels must be a share in [0, 1), got {self.holdout_labels}")
+        if self.oos_label is not None and (not isinstance(self.oos_label, str) or not self.oos_label.strip()):
+            raise ParamError(f"clean.oos_label must be a label name or null, got {self.oos_label!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class Cleaned:
     quarantine: pl.DataFrame  # id, text, label, group, split, rule
     labels: dict[str, int]
     report: dict[str, Any]
+    val_oos: pl.DataFrame  # rows of no known intent (`oos_label`, held-out intents): never trained on
+    test_oos: pl.DataFrame
 
 
 def apply_rules(frame: pl.DataFrame, p: CleanParams) -> pl.DataFrame:
@@ -276,6 +293,11 @@ def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Clea
     train = train.filter(~pl.col("id").is_in(list(near_dup | near_leak)))
     train, val = split(conform(train), p.val_size, p.seed)
     test = conform(test).sort("id")
+    unknown = out_of_scope_labels(train, p)
+    unseen = pl.col("label").is_in(sorted(unknown))
+    dropped = int(train.filter(unseen).height)
+    train, val_oos, test_oos = train.filter(~unseen), val.filter(unseen), test.filter(unseen)
+    val, test = val.filter(~unseen), test.filter(~unseen)
     labels = {name: i for i, name in enumerate(sorted(train["label"].unique().to_list()))}
     n_in = train_in.height + test_in.height
     rule_counts = {r: int((bad["rule"] == r).sum()) for r in RULES}
@@ -290,9 +312,27 @@ def clean(train_in: pl.DataFrame, test_in: pl.DataFrame, p: CleanParams) -> Clea
         "leakage": {"exact": n_leak, "near": len(near_leak)},
         "rows_out": {"train": train.height, "val": val.height, "test": test.height},
         "labels": len(labels),
+        "out_of_scope": {
+            "oos_label": p.oos_label,
+            "held_out_labels": sorted(unknown - {p.oos_label}),
+            "rows": {"train_dropped": dropped, "val": val_oos.height, "test": test_oos.height},
+        },
     }
     quarantine = pl.concat([bad, *removed]).sort("split", "id")
-    return Cleaned(train.sort("id"), val.sort("id"), test, quarantine, labels, report)
+    return Cleaned(train.sort("id"), val.sort("id"), test, quarantine, labels, report, val_oos.sort("id"),
+                   test_oos.sort("id"))  # fmt: skip
+
+
+def out_of_scope_labels(train: pl.DataFrame, p: CleanParams) -> set[str]:
+    """`clean.oos_label` and a seeded `clean.holdout_labels` share of the other intents: labels no model is
+    trained on, whose rows evaluate out-of-scope rejection (Banking77-OOS style when no such label exists)."""
+    known = sorted(set(train["label"].to_list()) - {p.oos_label})
+    k = round(float(p.holdout_labels) * len(known))
+    if k and len(known) - k < 2:
+        raise ParamError(f"clean.holdout_labels={p.holdout_labels} leaves {len(known) - k} of {len(known)} labels "
+                         "to train on; at least 2 are needed")  # fmt: skip
+    held = set(random.Random(p.seed).sample(known, k)) if k else set()
+    return held | ({p.oos_label} if p.oos_label is not None else set())
 
 
 def validate(result: Cleaned, p: CleanParams, docs_dir: Path | None) -> ValidationReport:
@@ -354,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             w.parquet(out / "train.parquet", result.train)
             w.parquet(out / "val.parquet", result.val)
             w.parquet(out / "test.parquet", result.test)
+            w.parquet(out / "val_oos.parquet", result.val_oos)
+            w.parquet(out / "test_oos.parquet", result.test_oos)
             w.json(out / "labels.json", result.labels)
             w.json(out / "clean.json", result.report)
     if not report.success:

@@ -48,11 +48,13 @@ from typing import Any
 
 import yaml
 
+from stages.model.rejection import RejectParams
 from stages.plots import pareto_png
 from stages.records import BenchmarkResults, BenchmarkTimings, BuildManifest, Engine, VariantResult, VariantTiming
 from stages.registry import (
     Draft,
     Lineage,
+    RejectRecord,
     RuntimeRecord,
     Signing,
     append_index,
@@ -86,17 +88,24 @@ class Gates:
     max_drop_vs_teacher: float = 100.0  # points of test accuracy below teacher_fp32
     max_p95_ms: float = 1e9  # end-to-end p95 at batch 1 (median of benchmark's per-round p95s), milliseconds
     max_size_mb: float = 1e9  # model file size
+    min_auroc: float | None = None  # rejection AUROC of reject.method (known intents against test_oos); None: off
 
     def __post_init__(self) -> None:
-        for key in ("min_accuracy", "max_drop_vs_teacher", "max_p95_ms", "max_size_mb"):
+        for key in ("min_accuracy", "max_drop_vs_teacher", "max_p95_ms", "max_size_mb", "min_auroc"):
             value = getattr(self, key)
+            if key == "min_auroc" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"publish.gates.{key} must be a number, got {value!r}")
         if not 0.0 <= self.min_accuracy <= 1.0:
             raise ValueError(f"publish.gates.min_accuracy is a fraction in [0, 1], got {self.min_accuracy}")
+        if self.min_auroc is not None and not 0.0 <= self.min_auroc <= 1.0:
+            raise ValueError(f"publish.gates.min_auroc is in [0, 1] (or null), got {self.min_auroc}")
 
-    def check(self, result: VariantResult, timing: VariantTiming, teacher_accuracy: float) -> dict[str, dict[str, Any]]:
-        """Each gate with the measured value, its limit and whether it passed."""
+    def check(self, result: VariantResult, timing: VariantTiming, teacher_accuracy: float,
+              method: str = "none") -> dict[str, dict[str, Any]]:  # fmt: skip
+        """Each gate with the measured value, its limit and whether it passed (`method`: reject.method, whose
+        AUROC `min_auroc` reads)."""
         acc, size = result.accuracy, result.size_mb
         drop = round(100 * (teacher_accuracy - acc), 4)
         p95 = timing.gate_p95()
@@ -106,6 +115,10 @@ class Gates:
             "max_p95_ms": (p95, p95 <= self.max_p95_ms, self.max_p95_ms),
             "max_size_mb": (size, size <= self.max_size_mb, self.max_size_mb),
         }
+        if self.min_auroc is not None:
+            auroc = ((result.rejection or {}).get("methods", {}).get(method) or {}).get("auroc")
+            # None: no out-of-scope test rows (set clean.oos_label or clean.holdout_labels), or reject.method none
+            measured["min_auroc"] = (auroc, auroc is not None and auroc >= self.min_auroc, self.min_auroc)
         return {k: {"measured": v, "passed": bool(ok), "limit": lim} for k, (v, ok, lim) in measured.items()}
 
 
@@ -165,7 +178,7 @@ class PublishParams:
 
 
 def choose_candidate(
-    results: BenchmarkResults, timings: BenchmarkTimings, gates: Gates, margin: float
+    results: BenchmarkResults, timings: BenchmarkTimings, gates: Gates, margin: float, method: str = "none"
 ) -> tuple[str | None, dict[str, dict[str, Any]]]:
     """(the variant to publish or None, each publishable variant's gate results).
 
@@ -179,7 +192,7 @@ def choose_candidate(
     missing = sorted(n for n, r in rows.items() if r.publishable and n not in times)
     if missing:
         raise StageError(f"benchmark timings have no row for {', '.join(missing)}: rerun dvc repro -f benchmark")
-    checked = {n: gates.check(r, times[n], teacher) for n, r in rows.items() if r.publishable and r.file}
+    checked = {n: gates.check(r, times[n], teacher, method) for n, r in rows.items() if r.publishable and r.file}
     passing = [n for n, g in checked.items() if all(x["passed"] for x in g.values())]
     if not passing:
         return None, checked
@@ -196,12 +209,12 @@ class Decision:
     margin: float  # the latency margin used
 
 
-def decide(results: BenchmarkResults, timings: BenchmarkTimings, p: PublishParams) -> Decision:
+def decide(results: BenchmarkResults, timings: BenchmarkTimings, p: PublishParams, method: str = "none") -> Decision:
     """The candidate under `publish.gates`; a StageError naming each variant's failed gates when none passes
     (the registry is then not touched)."""
     # however noisy the run, a 1.5x speed difference still decides
     margin = min(0.5, max(p.latency_margin, 2 * float(timings.noise or 0.0)))
-    best, checked = choose_candidate(results, timings, p.gate_limits, margin)
+    best, checked = choose_candidate(results, timings, p.gate_limits, margin, method)
     if not checked:
         raise StageError("benchmark measured no publishable variant (no quantize file or engine)")
     if best is None:
@@ -293,6 +306,7 @@ class Card:
     runtime: RuntimeRecord
     git: dict[str, Any]
     content_digest: str
+    reject: RejectRecord | None = None
 
     @property
     def result(self) -> VariantResult:
@@ -497,8 +511,51 @@ def _card_tail(c: Card) -> list[str]:
     ]
 
 
+def _card_reject(c: Card) -> list[str]:
+    r = c.reject
+    if r is None or r.method == "none":
+        return ["## Out-of-scope rejection", "", "Off (`reject.method: none`): every text gets one of the labels.", ""]
+    t = r.test or {}
+    fig = lambda key, pct=True: "not measured" if t.get(key) is None else (f"{t[key]:.1%}" if pct else f"{t[key]:.4f}")  # noqa: E731
+    lines = [
+        "## Out-of-scope rejection",
+        "",
+        f"A text whose `{r.method}` score is under {r.threshold:.6g} is answered `{r.label}` (with its score) instead "
+        f"of an intent. The threshold keeps {r.in_scope_recall:.0%} of {r.val_rows} validation rows of known intents "
+        "accepted (`reject.json`).",
+        "",
+        f"On the test rows: {fig('in_scope_accepted')} of {t.get('in_scope_rows', '?')} in-scope rows accepted, "
+        f"in-scope accuracy with rejection on {fig('in_scope_accuracy')}; {t.get('out_of_scope_rows', 0)} "
+        f"out-of-scope rows: rejected {fig('out_of_scope_recall')}, AUROC {fig('auroc', False)}, FPR at 95% "
+        f"in-scope recall {fig('fpr_at_95')}.",
+        "",
+    ]
+    if not t.get("out_of_scope_rows"):
+        lines += ["No out-of-scope rows were measured (set `clean.holdout_labels` or `clean.oos_label`): how well "
+                  "unknown intents are rejected is not known.", ""]  # fmt: skip
+    return lines
+
+
 def model_card(c: Card) -> str:
-    return "\n".join([*_card_head(c), *_card_model(c), *_card_data(c), *_card_metrics(c), *_card_tail(c)])
+    parts = [*_card_head(c), *_card_model(c), *_card_data(c), *_card_metrics(c), *_card_reject(c), *_card_tail(c)]
+    return "\n".join(parts)
+
+
+def reject_record(result: VariantResult, r: RejectParams) -> RejectRecord:
+    """reject.json of the candidate: its threshold for `reject.method` as benchmark calibrated it."""
+    if r.method == "none":
+        return RejectRecord(method="none", label=r.label)
+    figures = result.rejection or {}
+    method = (figures.get("methods") or {}).get(r.method)
+    if method is None:
+        raise StageError(f"benchmark's metrics.json has no {r.method} rejection figures for the candidate: rerun "
+                         "dvc repro benchmark")  # fmt: skip
+    if figures.get("in_scope_recall") != r.in_scope_recall:
+        raise StageError(f"benchmark calibrated rejection for in_scope_recall {figures.get('in_scope_recall')}, "
+                         f"params.yaml says {r.in_scope_recall}: rerun dvc repro benchmark")  # fmt: skip
+    test = {k: v for k, v in method.items() if k != "threshold"}
+    return RejectRecord(method=r.method, label=r.label, threshold=method["threshold"],
+                        in_scope_recall=r.in_scope_recall, val_rows=figures.get("val_rows"), test=test)  # fmt: skip
 
 
 # ---- the version ---------------------------------------------------------------------------------------
@@ -543,6 +600,7 @@ class Release:
     lock: dict[str, Any]
     ingest: dict[str, Any]
     fingerprint: dict[str, Any]
+    reject: RejectRecord
 
     @property
     def rows(self) -> dict[str, dict[str, Any]]:
@@ -550,12 +608,12 @@ class Release:
         return {n: {**r.to_dict(), **t[n].to_dict()} for n, r in self.results.variants.items() if n in t}
 
 
-def gather(args: Any, root: Path, p: PublishParams) -> Release:
+def gather(args: Any, root: Path, p: PublishParams, reject: RejectParams) -> Release:
     """Read benchmark's records, choose the candidate, and check that every file to publish holds the bytes
     benchmark measured and dvc.lock records."""
     results = BenchmarkResults.read(require(args.inp / "metrics.json", "benchmark"))
     timings = BenchmarkTimings.read(require(args.inp / "timings.json", "benchmark (dvc repro benchmark)"))
-    decision = decide(results, timings, p)
+    decision = decide(results, timings, p, reject.method)
     row = results.variants[decision.candidate]
     source = root / row.file
     if not source.is_file():
@@ -574,7 +632,7 @@ def gather(args: Any, root: Path, p: PublishParams) -> Release:
     runtime = runtime_record(manifest.engines.get(decision.candidate), options, decision.candidate, results.max_length)
     read_json = lambda path: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
     return Release(decision, results, timings, source, tokenizer, labels_file, runtime, reads, lock,
-                   read_json(ingest_file), read_json(machine_file))  # fmt: skip
+                   read_json(ingest_file), read_json(machine_file), reject_record(row, reject))  # fmt: skip
 
 
 def lineage_record(root: Path, r: Release, p: PublishParams, version: str, payload: dict[str, str],
@@ -659,6 +717,7 @@ def write_version(root: Path, r: Release, p: PublishParams, model_dir: Path,
         draft.add("tokenizer", r.tokenizer)
         draft.add("labels.json", r.labels_file)
         draft.add("runtime.json", record_text(r.runtime))
+        draft.add("reject.json", record_text(r.reject))  # it changes the answers: part of the content
         payload = draft.sums()
         adopt_unindexed(model_dir, draft.digest())
         version, new = choose_version(existing_versions(model_dir), draft.digest(), p, model_dir)
@@ -669,7 +728,8 @@ def write_version(root: Path, r: Release, p: PublishParams, model_dir: Path,
         lineage = lineage_record(root, r, p, version, payload, experiment)
         labels = json.loads(r.labels_file.read_text(encoding="utf-8"))
         card = Card(p.model, version, p.registry, r.decision.candidate, r.results, r.timings, labels, r.ingest,
-                    r.decision.gates, r.fingerprint, r.runtime, lineage.git, lineage.content_digest)  # fmt: skip
+                    r.decision.gates, r.fingerprint, r.runtime, lineage.git, lineage.content_digest,
+                    r.reject)  # fmt: skip
         draft.add("lineage.json", record_text(lineage))
         draft.add("model_card.md", model_card(card))
         return version, draft.commit(version, p.sign), True
@@ -719,8 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     more = ("ingest", "clean", "quantize", "build", "fingerprint")
     args = stage_args("publish", __doc__, argv, upstream="benchmark", more=more)
     p = read_params(PublishParams, "publish", args.params)
+    reject = read_params(RejectParams, "reject", args.params)
     root = Path.cwd()
-    release = gather(args, root, p)
+    release = gather(args, root, p, reject)
     p, base, experiment = experiment_target(p, root)
     version, target, new = publish(root, release, p, base, experiment)
     tag = add_tag(root, p.model, version) if p.tag else None

@@ -192,6 +192,8 @@ class VariantResult(Record):
     per_label_f1: dict[str, float] | None = optional()  # every label of the test rows, by name
     # transformer variants: {"layers": [{"heads", "ffn"}...], "hidden", "parameters", "flops_per_token", "seq_len"}
     architecture: dict[str, Any] | None = optional()
+    # out-of-scope rejection: {"in_scope_recall", "val_rows", "methods": {method: stages.model.rejection.evaluate}}
+    rejection: dict[str, Any] | None = optional()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ from stages.storage.hashing import sha256_bytes, sha256_file
 
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
-PAYLOAD = ("model.", "runtime.json", "tokenizer/", "labels.json")  # what defines a version's content
+PAYLOAD = ("model.", "runtime.json", "tokenizer/", "labels.json", "reject.json")  # what defines a version's content
 SUMS = "SHA256SUMS"
 STAGES = "stages.json"
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")  # production, staging, ...
@@ -75,6 +75,19 @@ class RuntimeRecord(Record):
     outputs: list[str]
     session_options: dict[str, Any] | None = optional()  # ONNX Runtime only
     max_length: int | None = optional()  # tokens per text the model was measured with (versions from 2026-12-04)
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectRecord(Record):
+    """reject.json: the out-of-scope rule the server applies to a version's predictions
+    (`stages.model.rejection`): a text whose score is under `threshold` is answered `label`."""
+
+    method: str  # max_softmax | energy | none
+    label: str  # what a rejected text is answered
+    threshold: float | None = optional()  # accept when the method's score >= threshold
+    in_scope_recall: float | None = optional()  # what the threshold was calibrated to keep on validation
+    val_rows: int | None = optional()  # validation rows of known intents it was calibrated on
+    test: dict[str, Any] | None = optional()  # benchmark's figures for this method and variant on the test rows
 
 
 @dataclasses.dataclass(frozen=True)

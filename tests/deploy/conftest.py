@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,9 +22,11 @@ MODEL = "tiny-intent"
 MAX_LENGTH = 16
 
 
-def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODEL, bigger: bool = False) -> Path:
+def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODEL, bigger: bool = False,
+                 reject: Any = None) -> Path:  # fmt: skip
     """A version as publish writes it: INT8 model.onnx, runtime.json, tokenizer/, labels.json, SHA256SUMS, index.
-    `bigger`: 4 layers of width 128 reading 64 tokens (a model slow enough to keep a queue full for a while)."""
+    `bigger`: 4 layers of width 128 reading 64 tokens (a model slow enough to keep a queue full for a while);
+    `reject`: a RejectRecord written as reject.json."""
     import json
     import tempfile
 
@@ -47,6 +50,8 @@ def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODE
             draft.add("tokenizer", tok_dir)
             draft.add("labels.json", json.dumps(LABELS, indent=2, sort_keys=True) + "\n")
             draft.add("runtime.json", record_text(record))
+            if reject is not None:
+                draft.add("reject.json", record_text(reject))
             return draft.commit(version)
 
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.deploy.conftest import MAX_LENGTH, MODEL, ROOT, Server, sample
+from tests.deploy.conftest import MAX_LENGTH, MODEL, ROOT, Server, publish_tiny, sample
 
 pytestmark = pytest.mark.serve
 
@@ -168,7 +168,7 @@ def test_the_versioned_route_serves_its_own_version_and_metadata_describes_the_t
     assert r.status_code == 200 and r.json()["model_version"] == "2.0.0"
     meta = httpx.get(f"{server.url}/v2/models/{MODEL}").json()
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-    assert [o["name"] for o in meta["outputs"]] == ["label", "score", "top_k_labels", "top_k_scores"]
+    assert [o["name"] for o in meta["outputs"]] == ["label", "score", "top_k_labels", "top_k_scores", "out_of_scope"]
     assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/2.0.0/ready").json()["ready"] is True
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
 
@@ -348,3 +348,33 @@ def test_readiness_is_false_while_the_model_loads_and_warms(registry):
     finally:
         code, _ = s.stop()
     assert seen and seen[0] == 503 and seen[-1] == 200 and code == 0, seen
+
+
+def test_a_version_with_a_rejection_rule_answers_out_of_scope_under_its_threshold(registry, texts):
+    """reject.json travels in the version (under SHA256SUMS): texts scoring under its threshold get its label,
+    flagged, over /v1/classify and v2; the others get the intent the model without a rule gives."""
+    from deploy.runtime import load
+    from stages.model import rejection
+    from stages.registry import RejectRecord
+
+    plain = load(registry, f"{MODEL}@1.0.0", max_batch=32)  # chunks as the server makes them (serve.max_batch_size)
+    scope = rejection.scores("max_softmax", plain.logits(texts))
+    threshold = float(np.median(scope))
+    rule = RejectRecord(method="max_softmax", label="out_of_scope", threshold=threshold, in_scope_recall=0.5)
+    publish_tiny(registry, "1.0.0", seed=0, model_name="reject-intent", reject=rule)  # the same model as 1.0.0
+    expected = [p.label for p in plain.classify(texts, 1)]
+    s = Server(registry, spec="reject-intent").wait_ready()
+    try:
+        got = httpx.post(f"{s.url}/v1/classify", json={"texts": texts, "top_k": 1}, timeout=30).json()["predictions"]
+        body = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+        v2 = httpx.post(f"{s.url}/v2/models/reject-intent/infer", json=body, timeout=30).json()
+    finally:
+        s.stop()
+    flags = next(o["data"] for o in v2["outputs"] if o["name"] == "out_of_scope")
+    for i, (p, score) in enumerate(zip(got, scope, strict=True)):
+        rejected = score < threshold
+        assert p["out_of_scope"] is bool(rejected) and flags[i] is bool(rejected)
+        assert p["label"] == ("out_of_scope" if rejected else expected[i])
+        assert p["scope_score"] == pytest.approx(score, rel=1e-5)
+        assert p["top_k"][0]["label"] == expected[i]  # the ranking is still the model's
+    assert 0 < sum(p["out_of_scope"] for p in got) < len(got)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from stages.clean import CleanParams, clean, main
+from stages.runner.errors import ParamError
 from tests.conftest import frame
 
 LABELS = ("refund", "cancel", "track")
@@ -99,6 +100,29 @@ def test_validation_split_is_stratified_and_disjoint():
     assert out.labels == {"cancel": 0, "refund": 1, "track": 2}
 
 
+def test_an_oos_label_and_held_out_intents_are_never_a_class_and_go_to_the_oos_splits():
+    rows = base_rows(20)
+    oos = [(f"o{i:02d}", f"oos {WORDS[i % 12]} {WORDS[(i * 7 + 3) % 12]} number {900 + i}", "oos") for i in range(20)]
+    test = pl.concat([TEST, frame([("to1", "tell me a joke about cats and dogs", "oos")])])
+    out = clean(frame(rows + oos), test, CleanParams(val_size=0.2, seed=3, oos_label="oos"))
+    assert "oos" not in out.labels and set(out.train["label"]) == {"cancel", "refund", "track"}
+    assert set(out.val_oos["label"]) == {"oos"} and out.test_oos["id"].to_list() == ["to1"]
+    assert "oos" not in set(out.val["label"]) | set(out.test["label"])
+    r = out.report["out_of_scope"]
+    assert r["oos_label"] == "oos" and r["rows"]["test"] == 1 and r["rows"]["val"] == out.val_oos.height > 0
+    # a seeded third of the intents held out as unknown: none of their rows is trained on, the same ones each run
+    held = [clean(frame(rows), TEST, CleanParams(val_size=0.2, seed=3, holdout_labels=0.34)) for _ in range(2)]
+    assert held[0].report["out_of_scope"]["held_out_labels"] == held[1].report["out_of_scope"]["held_out_labels"]
+    (name,) = held[0].report["out_of_scope"]["held_out_labels"]
+    assert name not in held[0].labels and len(held[0].labels) == 2
+    assert (
+        set(held[0].test_oos["label"]) == {name}
+        and held[0].test_oos.height == TEST.filter(pl.col("label") == name).height
+    )
+    with pytest.raises(ParamError, match="holdout_labels"):
+        clean(frame(rows), TEST, CleanParams(holdout_labels=0.9))
+
+
 def run_main(tmp_path, train, test, **params):
     inp = tmp_path / "in"
     inp.mkdir(exist_ok=True)
@@ -117,6 +141,8 @@ def test_main_writes_all_outputs_and_same_bytes_twice(tmp_path):
         "train.parquet",
         "val.parquet",
         "test.parquet",
+        "val_oos.parquet",
+        "test_oos.parquet",
         "labels.json",
         "clean.json",
         "quarantine.parquet",

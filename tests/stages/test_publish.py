@@ -5,6 +5,7 @@ last test moves it to a second version."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -19,6 +20,7 @@ import yaml
 
 from flows.lineage import main as lineage_main
 from flows.pipeline import publish_markdown
+from stages.model.rejection import RejectParams
 from stages.publish import (
     Card,
     Gates,
@@ -26,6 +28,7 @@ from stages.publish import (
     choose_candidate,
     decide,
     model_card,
+    reject_record,
     runtime_record,
     weakest_label_line,
 )
@@ -167,6 +170,27 @@ def test_model_card_and_runtime_record_from_records_alone():
     assert card.startswith("# m 1.0.0\n") and "| a (published) | 0.9000 |" in card
     assert "| min_accuracy | 0.8 | 0.9 | pass |" in card and 'f"{folder}/model.onnx"' in card
     assert "Labels: `x`, `y`." in card and "Example CPU" in card
+
+
+def test_the_rejection_rule_travels_from_benchmark_to_the_version_and_can_gate():
+    results, timings = bench(teacher_fp32=(0.95, 10.0, 90.0, False), a=(0.90, 1.0, 3.0, True))
+    figures = {"threshold": 0.42, "in_scope_rows": 40, "out_of_scope_rows": 8, "in_scope_accuracy": 0.87,
+               "in_scope_accepted": 0.96, "out_of_scope_recall": 0.75, "auroc": 0.91, "fpr_at_95": 0.3}  # fmt: skip
+    row = dataclasses.replace(results.variants["a"], rejection={"in_scope_recall": 0.97, "val_rows": 30,
+                                                                "methods": {"max_softmax": figures}})  # fmt: skip
+    record = reject_record(row, RejectParams(method="max_softmax", in_scope_recall=0.97))
+    assert (record.method, record.threshold, record.val_rows, record.test["auroc"]) == ("max_softmax", 0.42, 30, 0.91)
+    assert reject_record(row, RejectParams(method="none")).threshold is None
+    with pytest.raises(StageError, match="energy rejection figures"):
+        reject_record(row, RejectParams(method="energy"))
+    with pytest.raises(StageError, match="in_scope_recall"):
+        reject_record(row, RejectParams(method="max_softmax", in_scope_recall=0.9))
+    checked = Gates(min_auroc=0.95).check(row, timings.variants["a"], 0.95, "max_softmax")
+    assert checked["min_auroc"] == {"measured": 0.91, "passed": False, "limit": 0.95}
+    assert not Gates(min_auroc=0.5).check(results.variants["a"], timings.variants["a"], 0.95, "max_softmax")[
+        "min_auroc"]["passed"]  # fmt: skip  # not measured never passes
+    with pytest.raises(ParamError, match="mahalanobis"):
+        RejectParams(method="mahalanobis")
 
 
 def test_a_draft_version_is_written_whole_or_not_at_all(tmp_path):
