@@ -21,6 +21,8 @@ MODEL_SECONDS = Histogram("distillery_serve_model_seconds", "Model time per batc
 QUEUE_DEPTH = Gauge("distillery_serve_queue_texts", "Texts waiting for the model", ["role"])
 REJECTS = Counter("distillery_serve_rejects", "Requests refused before inference, by reason", ["reason"])
 MODEL = Info("distillery_serve_model", "The served versions", ["role"])
+ANSWERS = Counter("distillery_serve_texts", "Texts answered, by whether the rejection rule turned them away",
+                  ["out_of_scope"])  # fmt: skip
 SHADOW = Counter("distillery_serve_shadow_texts", "Texts compared with the shadow version, by outcome", ["outcome"])
 SHADOW_PAIRS = Counter("distillery_serve_shadow_disagreements", "Disagreeing label pairs (primary, shadow)",
                        ["primary", "shadow"])  # fmt: skip

@@ -90,6 +90,11 @@ class Service:
         return self.classifier.classify(texts, top_k)
 
     def after_batch(self, texts: list[str], predictions: list[Prediction], seconds: float) -> None:
+        rejected = sum(p.out_of_scope for p in predictions)
+        if rejected:
+            metrics.ANSWERS.labels(out_of_scope="true").inc(rejected)
+        if len(predictions) > rejected:
+            metrics.ANSWERS.labels(out_of_scope="false").inc(len(predictions) - rejected)
         if self.shadow is not None:
             self.shadow.offer(texts, predictions, seconds)
 

@@ -368,6 +368,7 @@ def test_a_version_with_a_rejection_rule_answers_out_of_scope_under_its_threshol
         got = httpx.post(f"{s.url}/v1/classify", json={"texts": texts, "top_k": 1}, timeout=30).json()["predictions"]
         body = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
         v2 = httpx.post(f"{s.url}/v2/models/reject-intent/infer", json=body, timeout=30).json()
+        counted = s.metric("distillery_serve_texts_total", out_of_scope="true")
     finally:
         s.stop()
     flags = next(o["data"] for o in v2["outputs"] if o["name"] == "out_of_scope")
@@ -378,3 +379,4 @@ def test_a_version_with_a_rejection_rule_answers_out_of_scope_under_its_threshol
         assert p["scope_score"] == pytest.approx(score, rel=1e-5)
         assert p["top_k"][0]["label"] == expected[i]  # the ranking is still the model's
     assert 0 < sum(p["out_of_scope"] for p in got) < len(got)
+    assert counted == 2 * sum(p["out_of_scope"] for p in got)  # both requests, counted on /metrics
