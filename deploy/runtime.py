@@ -58,10 +58,25 @@ def read_reject(folder: Path) -> RejectRecord | None:
         raise RegistryError(str(exc)) from exc
     if record.method == "none":
         return None
-    if record.method not in rejection.LOGIT_METHODS or record.threshold is None:
+    if record.method not in rejection.METHODS or record.threshold is None:
         raise RegistryError(f"{path}: method {record.method!r} with threshold {record.threshold!r} cannot be served "
-                            f"(one of {', '.join(rejection.LOGIT_METHODS)} with a threshold)")  # fmt: skip
+                            f"(one of {', '.join(rejection.METHODS)} with a threshold)")  # fmt: skip
+    if record.method == "mahalanobis" and not record.stats:
+        raise RegistryError(f"{path}: mahalanobis names no statistics file")
     return record
+
+
+def read_stats(folder: Path, record: RejectRecord | None) -> rejection.MahalanobisStats | None:
+    """The class means and precision a mahalanobis rule scores with (safetensors, no pickle)."""
+    if record is None or record.method != "mahalanobis":
+        return None
+    from safetensors.numpy import load_file
+
+    path = folder / str(record.stats)
+    try:
+        return rejection.MahalanobisStats.from_tensors(load_file(str(path)))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path}: cannot be read as Mahalanobis statistics ({exc})") from exc
 
 
 def check_files(folder: Path) -> None:
@@ -111,6 +126,7 @@ class Classifier:
         options = self.record.session_options or {}
         self.threads = threads or int(options.get("intra_op_num_threads", 2))
         self.reject = read_reject(folder)
+        self.stats = read_stats(folder, self.reject)
         self._tokenizer = self._load_tokenizer()
         self.pad_id = self._pad_id()
         self._run = self._load_model()
@@ -132,6 +148,9 @@ class Classifier:
             if why:
                 raise RegistryError(f"{self.folder}: a TensorRT plan for {self.record.device}, and this machine has "
                                     f"{why}; serve a CPU version instead")  # fmt: skip
+            if self.stats is not None:
+                raise RegistryError(f"{self.folder}: a mahalanobis rule needs the pooled output, which the TensorRT "
+                                    "runner does not return")  # fmt: skip
             return TrtRunner(path.read_bytes()).run
         if self.record.backend != "onnxruntime":
             raise RegistryError(f"{self.folder / 'runtime.json'}: unknown backend {self.record.backend!r}")
@@ -142,6 +161,10 @@ class Classifier:
         if sess.get_providers()[0] != providers[0]:
             raise RegistryError(f"{self.folder}: runtime.json asks for {providers[0]}, and ONNX Runtime here fell "
                                 f"back to {sess.get_providers()}; serve a CPU version instead")  # fmt: skip
+        if self.stats is not None:
+            if "pooled" not in {o.name for o in sess.get_outputs()}:
+                raise RegistryError(f"{path}: a mahalanobis rule needs the model's pooled output, and it has none")
+            return lambda feeds: sess.run(["logits", "pooled"], feeds)
         return lambda feeds: sess.run(["logits"], feeds)[0]
 
     def _pad_id(self) -> int:
@@ -156,6 +179,10 @@ class Classifier:
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """Logits of every text, in the order given: sorted by token count, run in chunks of `max_batch`."""
+        return self.forward(texts)[0]
+
+    def forward(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, pooled embeddings or None: only a mahalanobis rule asks the model for them)."""
         ids = [e.ids for e in self._tokenizer.encode_batch(texts)]
         order = np.argsort([len(s) for s in ids], kind="stable")
         out = []
@@ -167,23 +194,30 @@ class Classifier:
             for i, row in enumerate(rows):
                 input_ids[i, : len(row)] = row
                 mask[i, : len(row)] = 1
-            out.append(np.asarray(self._run({"input_ids": input_ids, "attention_mask": mask}), dtype=np.float32))
-        return np.concatenate(out)[np.argsort(order, kind="stable")]
+            result = self._run({"input_ids": input_ids, "attention_mask": mask})
+            out.append(result if isinstance(result, list) else [result])
+        back = np.argsort(order, kind="stable")
+        logits = np.concatenate([np.asarray(o[0], dtype=np.float32) for o in out])[back]
+        pooled = np.concatenate([o[1] for o in out])[back] if self.stats is not None else None
+        return logits, pooled
 
     def classify(self, texts: list[str], top_k: int) -> list[Prediction]:
-        logits = self.logits(texts)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        logits, pooled = self.forward(texts)
+        probs, top, total = rejection.softmax_parts(logits)
         k = min(top_k, len(self.labels))
         best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         rule = self.reject
-        scope = rejection.scores(rule.method, logits) if rule is not None else [None] * len(texts)
+        if rule is None:
+            scope = [None] * len(texts)
+        elif rule.method == "mahalanobis":
+            scope = rejection.scores("mahalanobis", None, pooled, self.stats).tolist()
+        else:  # from the softmax's own parts: no extra pass over the logits
+            scope = rejection.logit_scores(rule.method, top, total).tolist()
         out = []
-        for row, p, s in zip(best, probs, scope, strict=True):
-            rejected = rule is not None and s < rule.threshold
+        for row, p, s in zip(best.tolist(), probs.tolist(), scope, strict=True):
+            rejected = s is not None and s < rule.threshold
             label = rule.label if rejected else self.labels[row[0]]
-            top = [(self.labels[j], float(p[j])) for j in row]
-            out.append(Prediction(label, float(p[row[0]]), top, bool(rejected), None if s is None else float(s)))
+            out.append(Prediction(label, p[row[0]], [(self.labels[j], p[j]) for j in row], rejected, s))
         return out
 
     def warm_up(self, seconds: float = 1.0) -> int:

@@ -30,11 +30,17 @@ names its file and SHA-256); teacher and TF-IDF are baselines; `student_fp32` (t
 exported here into a temporary folder) is a reference. Benchmark measures and does not choose: publish
 applies `publish.gates` and picks the candidate (`stages.publish.choose_candidate`).
 
-Outputs: `metrics.json` (per variant: accuracy, macro-F1, per-label F1, size, architecture, file and SHA-256;
-the same bytes on every run of the same inputs), `summary.json` (accuracy, macro-F1 and size per variant: the
-stage's DVC metric, few columns for `dvc exp show`), `timings.json` (latency, throughput, memory, efficiency, the GEMM
-peak, the Pareto front and the round-to-round noise: they vary between runs and machines), and the timing
-views `report.md`, `plots/{pareto,latency}.csv` (DVC plots) and `png/`.
+Out-of-scope rejection (`reject:`; `stages.model.rejection`): every method calibrated for every variant on
+clean's validation rows of known intents and scored on the test rows and clean's test_oos rows; Mahalanobis
+for each model that outputs its pooled embedding, its class statistics fitted on clean's training rows.
+
+Outputs: `metrics.json` (per variant: accuracy, macro-F1, per-label F1, size, architecture, file and SHA-256,
+rejection figures; the same bytes on every run of the same inputs), `rejection/<variant>.safetensors` (the
+Mahalanobis statistics of each publishable variant, which publish ships), `summary.json` (accuracy,
+macro-F1 and size per variant: the stage's DVC metric, few columns for `dvc exp show`), `timings.json`
+(latency, throughput, memory, efficiency, the GEMM peak, the Pareto front and the round-to-round noise: they
+vary between runs and machines), and the timing views `report.md`, `plots/{pareto,latency}.csv` (DVC plots)
+and `png/`.
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ import json
 import sys
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
+from safetensors.numpy import save_file
 
 from stages.model import rejection
 from stages.model.encoder import FLOPS_SEQ_LEN, TokenizedTexts, flops_per_token, layer_shapes, load, load_tokenizer
@@ -135,11 +142,23 @@ class Variant(ABC):
     def label(self, text: str) -> int:
         return int(np.argmax(self.run_batch(self.batch([text]))[0]))
 
-    def logits(self, texts: list[str]) -> np.ndarray:
-        """All rows, in batches of 64 formed from texts sorted by length (as the stages score)."""
+    def run_pooled(self, batch: Any) -> np.ndarray | None:
+        """The pooled sentence embeddings of a batch, for Mahalanobis rejection; None when the model has none."""
+        return None
+
+    def rows(self, run: Any, texts: list[str]) -> np.ndarray:
+        """`run` over all rows, in batches of 64 formed from texts sorted by length (as the stages score)."""
         order = np.argsort([len(t) for t in texts], kind="stable")
-        out = [self.run_batch(self.batch([texts[i] for i in order[s : s + 64]])) for s in range(0, len(texts), 64)]
+        out = [run(self.batch([texts[i] for i in order[s : s + 64]])) for s in range(0, len(texts), 64)]
         return np.concatenate(out)[np.argsort(order, kind="stable")]
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.rows(self.run_batch, texts)
+
+    def pooled(self, texts: list[str]) -> np.ndarray | None:
+        if not texts or self.run_pooled(self.batch(texts[:1])) is None:
+            return None
+        return self.rows(self.run_pooled, texts)
 
     def size_mb(self) -> float:
         return round(sum(f.stat().st_size for f in self.files) / 1e6, 4)
@@ -159,6 +178,11 @@ class OrtVariant(Variant):
     def run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.sess.run(["logits"], batch)[0]
 
+    def run_pooled(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+        if "pooled" not in {o.name for o in self.sess.get_outputs()}:
+            return None  # exported before models carried it
+        return self.sess.run(["pooled"], batch)[0]
+
 
 class TorchVariant(Variant):
     def __init__(self, name: str, folder: Path, rt: RuntimeParams):
@@ -169,6 +193,10 @@ class TorchVariant(Variant):
     @torch.no_grad()
     def run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.model(**{k: torch.from_numpy(v) for k, v in batch.items()})[0].numpy()
+
+    @torch.no_grad()
+    def run_pooled(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.model(**{k: torch.from_numpy(v) for k, v in batch.items()})[1].numpy()
 
 
 class TfidfVariant(Variant):
@@ -426,12 +454,16 @@ class Measured:
 
 @dataclass(frozen=True)
 class ScopeRows:
-    """What out-of-scope rejection is calibrated on (validation rows of known intents) and scored against
-    (clean's test_oos rows: `clean.oos_label` and held-out intents)."""
+    """What out-of-scope rejection is fitted on (clean's training rows: Mahalanobis class statistics),
+    calibrated on (validation rows of known intents) and scored against (clean's test_oos rows:
+    `clean.oos_label` and held-out intents). `stats` collects each variant's fitted Mahalanobis statistics."""
 
+    train: list[str]
+    train_labels: list[int]
     val: list[str]
     test_oos: list[str]
     recall: float
+    stats: dict[str, rejection.MahalanobisStats] = field(default_factory=dict)
 
 
 def score(v: Variant, texts: list[str], truth: list[int], names: list[str],
@@ -442,10 +474,27 @@ def score(v: Variant, texts: list[str], truth: list[int], names: list[str],
     if scope is not None and scope.val:
         oos = v.logits(scope.test_oos) if scope.test_oos else np.zeros((0, len(names)))
         row["rejection"] = rejection.fit_and_evaluate(v.logits(scope.val), logits, oos, truth, scope.recall)
+        fitted = mahalanobis(v, texts, truth, names, scope, logits)
+        if fitted is not None:
+            scope.stats[v.name], row["rejection"]["methods"]["mahalanobis"] = fitted
     extra = {"file": v.artifact.as_posix(), "sha256": sha256_file(v.artifact)} if v.artifact is not None else {}
     arch = architecture(v.flops_model) if v.flops_model is not None else None
     return VariantResult(**row, precision=v.precision, device=v.device, publishable=v.artifact is not None,
                          architecture=arch, **extra)  # fmt: skip
+
+
+def mahalanobis(v: Variant, texts: list[str], truth: list[int], names: list[str], scope: ScopeRows,
+                logits: np.ndarray) -> tuple[rejection.MahalanobisStats, dict[str, Any]] | None:  # fmt: skip
+    """Mahalanobis rejection of a variant whose model outputs the pooled embedding: class means and shared
+    covariance from the training rows, threshold on validation, figures on the test rows."""
+    train = v.pooled(scope.train)
+    if train is None:
+        return None
+    stats = rejection.MahalanobisStats.fit(train, np.asarray(scope.train_labels), len(names))
+    of = lambda rows: rejection.scores("mahalanobis", None, v.pooled(rows), stats)  # noqa: E731
+    threshold = rejection.calibrate(of(scope.val), scope.recall)
+    oos = of(scope.test_oos) if scope.test_oos else np.zeros(0)
+    return stats, rejection.evaluate(of(texts), oos, logits.argmax(1), np.asarray(truth), threshold)
 
 
 def architecture(model: Any) -> dict[str, Any]:
@@ -642,12 +691,18 @@ def main(argv: list[str] | None = None) -> int:
         published, skipped = publishable_variants(inputs, rt)
         variants += published
         probes = memory_probes(variants, inputs)
-        scope = ScopeRows(frames["val"]["text"].to_list(), frames["test_oos"]["text"].to_list(), reject.in_scope_recall)
+        train = frames["train"]
+        scope = ScopeRows(train["text"].to_list(), [labels[x] for x in train["label"]], frames["val"]["text"].to_list(),
+                          frames["test_oos"]["text"].to_list(), reject.in_scope_recall)  # fmt: skip
         m = benchmark(variants, frames["test"], labels, p, rt, probes, skipped, started, scope)
     with outputs() as w:
         w.json(args.out / "metrics.json", m.results.to_dict())
         w.json(args.out / "summary.json", summary(m.results))
         w.json(args.out / "timings.json", m.timings.to_dict())
+        stats_dir = w.directory(args.out / "rejection")  # what publish ships for reject.method: mahalanobis
+        for name in m.results.publishable:
+            if name in scope.stats:
+                save_file(scope.stats[name].tensors(), str(stats_dir / f"{name}.safetensors"))
         w.text(args.out / "report.md", report_md(m, p))
         w.text(args.out / "plots" / "pareto.csv", pareto_csv(m.rows(), m.timings.pareto_front))
         w.text(args.out / "plots" / "latency.csv", latency_csv(m.rows()))

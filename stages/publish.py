@@ -541,6 +541,9 @@ def model_card(c: Card) -> str:
     return "\n".join(parts)
 
 
+REJECT_STATS = "reject.safetensors"
+
+
 def reject_record(result: VariantResult, r: RejectParams) -> RejectRecord:
     """reject.json of the candidate: its threshold for `reject.method` as benchmark calibrated it."""
     if r.method == "none":
@@ -554,8 +557,10 @@ def reject_record(result: VariantResult, r: RejectParams) -> RejectRecord:
         raise StageError(f"benchmark calibrated rejection for in_scope_recall {figures.get('in_scope_recall')}, "
                          f"params.yaml says {r.in_scope_recall}: rerun dvc repro benchmark")  # fmt: skip
     test = {k: v for k, v in method.items() if k != "threshold"}
+    stats = REJECT_STATS if r.method == "mahalanobis" else None
     return RejectRecord(method=r.method, label=r.label, threshold=method["threshold"],
-                        in_scope_recall=r.in_scope_recall, val_rows=figures.get("val_rows"), test=test)  # fmt: skip
+                        in_scope_recall=r.in_scope_recall, val_rows=figures.get("val_rows"), test=test,
+                        stats=stats)  # fmt: skip
 
 
 # ---- the version ---------------------------------------------------------------------------------------
@@ -601,6 +606,7 @@ class Release:
     ingest: dict[str, Any]
     fingerprint: dict[str, Any]
     reject: RejectRecord
+    reject_stats: Path | None = None  # benchmark's Mahalanobis statistics of the candidate (reject.method: mahalanobis)
 
     @property
     def rows(self) -> dict[str, dict[str, Any]]:
@@ -624,7 +630,17 @@ def gather(args: Any, root: Path, p: PublishParams, reject: RejectParams) -> Rel
     ingest_file, machine_file = args.ingest / "ingest.json", args.fingerprint / "fingerprint.json"
     manifest_file = args.build / "manifest.json"
     lock = read_lock(root)
-    inputs = [source, tokenizer, labels_file, args.inp / "metrics.json", args.inp / "timings.json"]
+    stats = None
+    if reject.method == "mahalanobis":
+        stats = require(args.inp / "rejection" / f"{decision.candidate}.safetensors", "benchmark (a model with pooled)")
+    inputs = [
+        source,
+        tokenizer,
+        labels_file,
+        args.inp / "metrics.json",
+        args.inp / "timings.json",
+        *([stats] if stats else []),
+    ]
     reads = check_against_lock(root, lock, [*inputs, ingest_file, machine_file, manifest_file])
     manifest = BuildManifest.read(manifest_file)
     options_file = args.build / manifest.session_options
@@ -632,7 +648,7 @@ def gather(args: Any, root: Path, p: PublishParams, reject: RejectParams) -> Rel
     runtime = runtime_record(manifest.engines.get(decision.candidate), options, decision.candidate, results.max_length)
     read_json = lambda path: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
     return Release(decision, results, timings, source, tokenizer, labels_file, runtime, reads, lock,
-                   read_json(ingest_file), read_json(machine_file), reject_record(row, reject))  # fmt: skip
+                   read_json(ingest_file), read_json(machine_file), reject_record(row, reject), stats)  # fmt: skip
 
 
 def lineage_record(root: Path, r: Release, p: PublishParams, version: str, payload: dict[str, str],
@@ -718,6 +734,8 @@ def write_version(root: Path, r: Release, p: PublishParams, model_dir: Path,
         draft.add("labels.json", r.labels_file)
         draft.add("runtime.json", record_text(r.runtime))
         draft.add("reject.json", record_text(r.reject))  # it changes the answers: part of the content
+        if r.reject_stats is not None:
+            draft.add(REJECT_STATS, r.reject_stats)
         payload = draft.sums()
         adopt_unindexed(model_dir, draft.digest())
         version, new = choose_version(existing_versions(model_dir), draft.digest(), p, model_dir)

@@ -45,7 +45,7 @@ from stages.storage.hashing import sha256_bytes, sha256_file
 
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
-PAYLOAD = ("model.", "runtime.json", "tokenizer/", "labels.json", "reject.json")  # what defines a version's content
+PAYLOAD = ("model.", "runtime.json", "tokenizer/", "labels.json", "reject.")  # what defines a version's content
 SUMS = "SHA256SUMS"
 STAGES = "stages.json"
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")  # production, staging, ...
@@ -88,6 +88,7 @@ class RejectRecord(Record):
     in_scope_recall: float | None = optional()  # what the threshold was calibrated to keep on validation
     val_rows: int | None = optional()  # validation rows of known intents it was calibrated on
     test: dict[str, Any] | None = optional()  # benchmark's figures for this method and variant on the test rows
+    stats: str | None = optional()  # mahalanobis: the version's file of class means and precision (safetensors)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,11 +26,20 @@ METHODS = ("max_softmax", "energy", "mahalanobis")
 LOGIT_METHODS = ("max_softmax", "energy")
 
 
-def _logsumexp(logits: np.ndarray) -> np.ndarray:
+def softmax_parts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(softmax probabilities, each row's top logit, each row's sum of exp(logit - top)), in float64: what the
+    logit methods' scores are made of, so a server that needs the probabilities anyway gets them for free."""
     x = np.asarray(logits, dtype=np.float64)
-    top = np.max(x, axis=1, keepdims=True)
+    top = np.max(x, axis=1)
     top = np.where(np.isfinite(top), top, 0.0)
-    return (top + np.log(np.sum(np.exp(x - top), axis=1, keepdims=True)))[:, 0]
+    shifted = np.exp(x - top[:, None])
+    total = shifted.sum(axis=1)
+    return shifted / total[:, None], top, total
+
+
+def logit_scores(method: str, top: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """max_softmax = exp(top - logsumexp) = 1 / total; energy = logsumexp = top + log(total)."""
+    return 1.0 / total if method == "max_softmax" else top + np.log(total)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,13 @@ class MahalanobisStats:
     def tensors(self) -> dict[str, np.ndarray]:
         return {"means": self.means, "precision": self.precision}
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> MahalanobisStats:
+        means, precision = tensors.get("means"), tensors.get("precision")
+        if means is None or precision is None or means.ndim != 2 or precision.shape != (means.shape[1],) * 2:
+            raise ValueError("Mahalanobis statistics need means (classes x dim) and precision (dim x dim)")
+        return cls(means.astype(np.float32), precision.astype(np.float32))
+
     def score(self, pooled: np.ndarray) -> np.ndarray:
         x = np.asarray(pooled, dtype=np.float64)
         means = self.means.astype(np.float64)
@@ -73,11 +89,9 @@ class MahalanobisStats:
 def scores(method: str, logits: np.ndarray | None = None, pooled: np.ndarray | None = None,
            stats: MahalanobisStats | None = None) -> np.ndarray:  # fmt: skip
     """The in-scope score of each row (higher: more like a known intent)."""
-    if method == "max_softmax":
-        x = np.asarray(logits, dtype=np.float64)
-        return np.exp(np.max(x, axis=1) - _logsumexp(x))
-    if method == "energy":
-        return _logsumexp(np.asarray(logits))
+    if method in LOGIT_METHODS:
+        _, top, total = softmax_parts(logits)
+        return logit_scores(method, top, total)
     if method == "mahalanobis":
         if pooled is None or stats is None:
             raise ValueError("mahalanobis needs the pooled embeddings and the fitted class statistics")
@@ -143,16 +157,13 @@ class RejectParams:
     """params.yaml `reject:`, read by benchmark (which calibrates every method for every variant) and publish
     (which ships the chosen variant's rule for `method`)."""
 
-    method: str = "max_softmax"  # max_softmax, energy, or none (always answer an intent)
+    method: str = "max_softmax"  # max_softmax, energy, mahalanobis, or none (always answer an intent)
     in_scope_recall: float = 0.97  # share of validation rows of known intents the threshold keeps accepted
     label: str = "out_of_scope"  # what the server answers for a rejected text
 
     def __post_init__(self) -> None:
-        if self.method == "mahalanobis":
-            raise ParamError("reject.method: mahalanobis needs the models to output the pooled embedding, which "
-                             "the exported ONNX models do not yet do; use max_softmax or energy")  # fmt: skip
-        if self.method not in (*LOGIT_METHODS, "none"):
-            raise ParamError(f"reject.method must be one of {', '.join((*LOGIT_METHODS, 'none'))}, got {self.method!r}")
+        if self.method not in (*METHODS, "none"):
+            raise ParamError(f"reject.method must be one of {', '.join((*METHODS, 'none'))}, got {self.method!r}")
         if not 0.5 <= float(self.in_scope_recall) <= 1.0:
             raise ParamError(f"reject.in_scope_recall must be in [0.5, 1], got {self.in_scope_recall}")
         if not isinstance(self.label, str) or not self.label.strip():

@@ -29,7 +29,7 @@ import torch
 
 from stages.model.encoder import TextClassifier, TokenizedTexts
 from stages.runner.errors import StageError
-from stages.runtime.sessions import INPUTS
+from stages.runtime.sessions import INPUTS, OUTPUTS
 from stages.runtime.timing import percentiles, side_by_side
 
 
@@ -38,8 +38,8 @@ class _Logits(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask)[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(input_ids, attention_mask)
 
 
 class _CanonicalBert(torch.nn.Module):
@@ -68,7 +68,7 @@ class _CanonicalBert(torch.nn.Module):
             and not getattr(config, "is_decoder", False)
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.model.encoder.embeddings
         batch, seq = input_ids.shape[0], input_ids.shape[1]
         positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
@@ -87,7 +87,7 @@ class _CanonicalBert(torch.nn.Module):
             x = layer.output.LayerNorm(layer.output.dense(hidden) + x)
         mask = attention_mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.model.head(pooled)
+        return self.model.head(pooled), pooled
 
 
 @contextlib.contextmanager
@@ -147,9 +147,9 @@ def save_portable(proto: Any, path: Path | str) -> None:
 
 
 def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -> str:
-    """Export with the dynamo exporter (batch and sequence axes dynamic); returns the form exported
-    (`canonical` for a BERT encoder, else `traced`). `value_info` is cleared: the exporter's intermediate
-    shape annotations confuse ONNX Runtime's quantizer and serve nothing else."""
+    """Export with the dynamo exporter (batch and sequence axes dynamic), outputs `logits` and `pooled`;
+    returns the form exported (`canonical` for a BERT encoder, else `traced`). `value_info` is cleared: the
+    exporter's intermediate shape annotations confuse ONNX Runtime's quantizer and serve nothing else."""
     import onnx
 
     model = model.eval().cpu()
@@ -163,7 +163,7 @@ def export_onnx(model: TextClassifier, tokenizer: Any, path: Path, opset: int) -
                 (_CanonicalBert(model) if form == "canonical" else _Logits(model)).eval(),
                 args,
                 input_names=list(INPUTS),
-                output_names=["logits"],
+                output_names=list(OUTPUTS),
                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                 opset_version=opset,
                 dynamo=True,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 INPUTS = ("input_ids", "attention_mask")
+OUTPUTS = ("logits", "pooled")  # pooled: the masked-mean sentence embedding the head reads (Mahalanobis rejection)
 # Slower than what it fuses on CPU with ONNX Runtime 1.31-1.32: see `stages.runtime.onnx`'s docstring.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 

@@ -101,12 +101,18 @@ class TrtRunner:
             keep.append(tensor)
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("logits", out.data_ptr())
+        outputs = {}
+        for i in range(self.engine.num_io_tensors):  # every output needs a buffer (logits, and pooled if exported)
+            name = self.engine.get_tensor_name(i)
+            if self.engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                continue
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise StageError("TensorRT execution failed")
         self.stream.synchronize()
-        return out.cpu().numpy()
+        return outputs["logits"].float().cpu().numpy()
 
 
 def gpu_name() -> str:

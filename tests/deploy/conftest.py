@@ -23,10 +23,10 @@ MAX_LENGTH = 16
 
 
 def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODEL, bigger: bool = False,
-                 reject: Any = None) -> Path:  # fmt: skip
+                 reject: Any = None, stats: Any = None) -> Path:  # fmt: skip
     """A version as publish writes it: INT8 model.onnx, runtime.json, tokenizer/, labels.json, SHA256SUMS, index.
     `bigger`: 4 layers of width 128 reading 64 tokens (a model slow enough to keep a queue full for a while);
-    `reject`: a RejectRecord written as reject.json."""
+    `reject`: a RejectRecord written as reject.json (`stats`: its MahalanobisStats, as reject.safetensors)."""
     import json
     import tempfile
 
@@ -52,6 +52,11 @@ def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODE
             draft.add("runtime.json", record_text(record))
             if reject is not None:
                 draft.add("reject.json", record_text(reject))
+            if stats is not None:
+                from safetensors.numpy import save_file
+
+                save_file(stats.tensors(), str(Path(tmp) / "stats.safetensors"))
+                draft.add("reject.safetensors", Path(tmp) / "stats.safetensors")
             return draft.commit(version)
 
 

@@ -380,3 +380,36 @@ def test_a_version_with_a_rejection_rule_answers_out_of_scope_under_its_threshol
         assert p["top_k"][0]["label"] == expected[i]  # the ranking is still the model's
     assert 0 < sum(p["out_of_scope"] for p in got) < len(got)
     assert counted == 2 * sum(p["out_of_scope"] for p in got)  # both requests, counted on /metrics
+
+
+def test_a_mahalanobis_rule_scores_the_models_pooled_output_with_the_versions_statistics(registry, texts):
+    """The exported model outputs `pooled`; a mahalanobis rule's class means and precision travel as
+    reject.safetensors (no pickle) and the server scores each text's pooled embedding with them."""
+    import torch
+
+    from deploy.runtime import load
+    from stages.model import rejection
+    from stages.registry import RejectRecord
+    from tests.stages.tiny import LABELS, dataset, tiny_teacher
+
+    model, tok = tiny_teacher(0, heads=2)  # the model of tiny-intent 1.0.0
+    rows = dataset(12, seed=0)
+    batch = tok(rows["text"].to_list(), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = model(batch["input_ids"], batch["attention_mask"])[1].numpy()
+    stats = rejection.MahalanobisStats.fit(pooled, rows["label"].replace_strict(LABELS).to_numpy(), len(LABELS))
+    rule = lambda t: RejectRecord(method="mahalanobis", label="out_of_scope", threshold=t,  # noqa: E731
+                                  stats="reject.safetensors")  # fmt: skip
+    publish_tiny(registry, "1.0.0", seed=0, model_name="probe-intent", reject=rule(-1e30), stats=stats)
+    probe = load(registry, "probe-intent", max_batch=32)
+    scope = rejection.scores("mahalanobis", None, probe.forward(texts)[1], stats)
+    assert all(not p.out_of_scope for p in probe.classify(texts, 1))
+    threshold = float(np.median(scope))
+    publish_tiny(registry, "1.0.0", seed=0, model_name="maha-intent", reject=rule(threshold), stats=stats)
+    s = Server(registry, spec="maha-intent").wait_ready()
+    try:
+        got = httpx.post(f"{s.url}/v1/classify", json={"texts": texts, "top_k": 1}, timeout=30).json()["predictions"]
+    finally:
+        s.stop()
+    assert [p["out_of_scope"] for p in got] == [bool(x < threshold) for x in scope]
+    assert [p["scope_score"] for p in got] == pytest.approx(scope.tolist(), rel=1e-4)

@@ -189,8 +189,12 @@ def test_the_rejection_rule_travels_from_benchmark_to_the_version_and_can_gate()
     assert checked["min_auroc"] == {"measured": 0.91, "passed": False, "limit": 0.95}
     assert not Gates(min_auroc=0.5).check(results.variants["a"], timings.variants["a"], 0.95, "max_softmax")[
         "min_auroc"]["passed"]  # fmt: skip  # not measured never passes
-    with pytest.raises(ParamError, match="mahalanobis"):
-        RejectParams(method="mahalanobis")
+    with pytest.raises(ParamError, match="reject.method must be one of"):
+        RejectParams(method="entropy")
+    methods = {"mahalanobis": {**figures, "threshold": -12.5}}
+    maha = dataclasses.replace(row, rejection={"in_scope_recall": 0.97, "val_rows": 30, "methods": methods})
+    record = reject_record(maha, RejectParams(method="mahalanobis"))
+    assert (record.threshold, record.stats) == (-12.5, "reject.safetensors")  # publish ships benchmark's statistics
 
 
 def test_a_draft_version_is_written_whole_or_not_at_all(tmp_path):
