@@ -16,6 +16,7 @@ Only numpy: the server imports this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -77,12 +78,21 @@ class MahalanobisStats:
             raise ValueError("Mahalanobis statistics need means (classes x dim) and precision (dim x dim)")
         return cls(means.astype(np.float32), precision.astype(np.float32))
 
-    def score(self, pooled: np.ndarray) -> np.ndarray:
-        x = np.asarray(pooled, dtype=np.float64)
+    @cached_property
+    def _expanded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(P, P mu_c for each class, mu_c' P mu_c), over the classes that have a mean, in float64."""
         means = self.means.astype(np.float64)
-        finite = np.all(np.isfinite(means), axis=1)
-        diff = x[:, None, :] - means[None, finite, :]  # rows x classes x dim
-        dist = np.einsum("rcd,de,rce->rc", diff, self.precision.astype(np.float64), diff)
+        means = means[np.all(np.isfinite(means), axis=1)]
+        precision = self.precision.astype(np.float64)
+        pm = means @ precision  # P is symmetric
+        return precision, pm, np.sum(pm * means, axis=1)
+
+    def score(self, pooled: np.ndarray) -> np.ndarray:
+        """-min over classes of (x - mu)' P (x - mu) = x'Px - 2 x'P mu + mu'P mu: two small matrix products per
+        batch (a server scores one text in microseconds)."""
+        x = np.asarray(pooled, dtype=np.float64)
+        precision, pm, mpm = self._expanded
+        dist = np.sum((x @ precision) * x, axis=1)[:, None] - 2.0 * (x @ pm.T) + mpm[None, :]
         return -np.min(dist, axis=1)
 
 
