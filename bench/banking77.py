@@ -148,26 +148,35 @@ def refresh_code(root: Path) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_args(description: str) -> argparse.ArgumentParser:
+    """The options of a bench that runs the pipeline on Banking77 (this one and bench/oos_banking77.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--reuse", type=Path, help="a folder an earlier --keep left: run only the missing stages")
     ap.add_argument("--distill-epochs", type=int, default=5)
     ap.add_argument("--train-epochs", type=int, default=6)
-    args = ap.parse_args()
+    return ap
+
+
+def project(args: argparse.Namespace, tmp: str) -> Path:
+    """The project to run in: `--reuse` (its code refreshed from this checkout), else a fresh copy (in `--keep`
+    or `tmp`) pointed at Banking77."""
     if not (DATA / "train.csv").is_file():
         raise SystemExit(f"bench: {DATA} not found (../shared/datasets/banking77 beside the checkout)")
+    if args.reuse:
+        refresh_code(args.reuse)
+        return args.reuse
+    root = copy_project(args.keep or Path(tmp) / "project")
+    configure(root, args.distill_epochs, args.train_epochs)
+    return root
+
+
+def main() -> int:
+    args = run_args(__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory(prefix="distillery-b77-") as tmp:
-        if args.reuse:
-            root = args.reuse
-            refresh_code(root)
-            previous = (
-                json.loads((root / "bench_times.json").read_text()) if (root / "bench_times.json").exists() else {}
-            )
-        else:
-            root = copy_project(args.keep or Path(tmp) / "project")
-            configure(root, args.distill_epochs, args.train_epochs)
-            previous = {}
+        root = project(args, tmp)
+        times_file = root / "bench_times.json"
+        previous = json.loads(times_file.read_text()) if args.reuse and times_file.exists() else {}
         times = dict(previous)
         for stage in STAGES:
             if stage in times and (root / DONE_WHEN[stage]).exists():

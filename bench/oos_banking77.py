@@ -15,7 +15,6 @@ its rule on and off, interleaved in one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -28,11 +27,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from banking77 import DATA, DONE_WHEN, STAGES, configure, refresh_code, run_stage  # noqa: E402
+from banking77 import DONE_WHEN, STAGES, project, run_args, run_stage  # noqa: E402
 
 from stages.model import rejection  # noqa: E402
 from stages.records import BenchmarkResults  # noqa: E402
-from tests.conftest import copy_project  # noqa: E402
 
 TORCH_MODELS = {
     "teacher_fp32": "data/04_distill/teacher",
@@ -101,23 +99,12 @@ def latency_with_and_without(root: Path, runs: int = 3000, rounds: int = 6) -> d
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = run_args(__doc__.splitlines()[0])
     ap.add_argument("--holdout", type=float, default=0.2, help="share of intents held out as unknown")
     ap.add_argument("--method", default="max_softmax", help="reject.method of the published version")
-    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
-    ap.add_argument("--reuse", type=Path, help="a folder an earlier --keep left: run only the missing stages")
-    ap.add_argument("--distill-epochs", type=int, default=5)
-    ap.add_argument("--train-epochs", type=int, default=6)
     args = ap.parse_args()
-    if not (DATA / "train.csv").is_file():
-        raise SystemExit(f"bench: {DATA} not found (../shared/datasets/banking77 beside the checkout)")
     with tempfile.TemporaryDirectory(prefix="distillery-oos-") as tmp:
-        if args.reuse:
-            root = args.reuse
-            refresh_code(root)
-        else:
-            root = copy_project(args.keep or Path(tmp) / "project")
-            configure(root, args.distill_epochs, args.train_epochs)
+        root = project(args, tmp)
         params = yaml.safe_load((root / "params.yaml").read_text())
         params["clean"]["holdout_labels"] = args.holdout
         params["reject"]["method"] = args.method
