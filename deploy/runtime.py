@@ -10,6 +10,11 @@ Texts are tokenized with the `tokenizers` library from the version's `tokenizer/
 transformers fast tokenizer benchmark uses runs the same code), truncated to the version's `max_length`,
 sorted by token count and run in chunks of at most `max_batch` rows, each padded to its longest row.
 No torch is imported for an ONNX version.
+
+A version's out-of-scope rule (`reject.json`, and `reject.safetensors` for Mahalanobis; `stages.model.rejection`)
+is applied to every prediction: a text scoring under its threshold is answered the rule's label, flagged.
+max_softmax and energy are taken from the softmax the classifier computes anyway; only a Mahalanobis rule asks
+the model for its `pooled` output too.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from stages.records import BenchmarkResults, BenchmarkTimings, Latency, Percenti
 from stages.registry import (
     Draft,
     RegistryError,
+    RejectRecord,
     assign,
     check_version,
     read_lineage,
@@ -266,6 +267,13 @@ def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     assert all(not (folder / n).stat().st_mode & 0o222 for n in names), "published files are read-only"
     sums = (folder / "SHA256SUMS").read_text()
     assert len(sums.splitlines()) == len(names) - 1 and "  model.onnx\n" in sums
+    # the rejection rule travels with the version: benchmark's threshold for the published variant
+    rule = RejectRecord.read(folder / "reject.json")
+    rejection = json.loads((project / "data/09_benchmark/metrics.json").read_text())["variants"][r["variant"]][
+        "rejection"
+    ]
+    assert (rule.method, rule.threshold) == ("max_softmax", rejection["methods"]["max_softmax"]["threshold"])
+    assert "  reject.json\n" in sums and "## Out-of-scope rejection" in (folder / "model_card.md").read_text()
 
     lineage = json.loads((folder / "lineage.json").read_text())
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
