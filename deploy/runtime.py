@@ -35,11 +35,11 @@ from stages.registry import (
     RejectRecord,
     RuntimeRecord,
     file_sums,
+    read_reject,
     read_runtime,
     read_sums,
     resolve,
 )
-from stages.runner.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,13 @@ class Prediction:
     scope_score: float | None = None  # the rejection method's in-scope score (None: the version rejects nothing)
 
 
-def read_reject(folder: Path) -> RejectRecord | None:
+def serving_rule(folder: Path) -> RejectRecord | None:
     """The version's out-of-scope rule (reject.json), or None when it rejects nothing (method none, or a version
     published before rules were)."""
+    record = read_reject(folder)
+    if record is None or record.method == "none":
+        return None
     path = folder / "reject.json"
-    if not path.is_file():
-        return None
-    try:
-        record = RejectRecord.read(path)
-    except StageError as exc:
-        raise RegistryError(str(exc)) from exc
-    if record.method == "none":
-        return None
     if record.method not in rejection.METHODS or record.threshold is None:
         raise RegistryError(f"{path}: method {record.method!r} with threshold {record.threshold!r} cannot be served "
                             f"(one of {', '.join(rejection.METHODS)} with a threshold)")  # fmt: skip
@@ -130,7 +125,7 @@ class Classifier:
             raise RegistryError(f"{folder / 'labels.json'}: label ids must be 0..{len(labels) - 1}")
         options = self.record.session_options or {}
         self.threads = threads or int(options.get("intra_op_num_threads", 2))
-        self.reject = read_reject(folder)
+        self.reject = serving_rule(folder)
         self.stats = read_stats(folder, self.reject)
         self._tokenizer = self._load_tokenizer()
         self.pad_id = self._pad_id()

@@ -435,6 +435,16 @@ def read_runtime(folder: Path) -> RuntimeRecord:
         raise RegistryError(str(exc)) from exc
 
 
+def read_reject(folder: Path) -> RejectRecord | None:
+    """reject.json, or None for a version published before versions carried one."""
+    if not (folder / "reject.json").is_file():
+        return None
+    try:
+        return RejectRecord.read(folder / "reject.json")
+    except StageError as exc:
+        raise RegistryError(str(exc)) from exc
+
+
 # ---- writing -------------------------------------------------------------------------------------------
 
 
