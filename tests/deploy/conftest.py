@@ -88,10 +88,16 @@ def texts() -> list[str]:
     return dataset(6, seed=3)["text"].to_list()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports free now (all held open together while chosen, so never one port twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def sample(exposition: str, name: str, **labels: str) -> float:
@@ -106,23 +112,43 @@ def sample(exposition: str, name: str, **labels: str) -> float:
 
 
 class Server:
-    """`python -m deploy.serve` in a subprocess; `url`, `grpc` (host:port); `stop()` sends SIGTERM."""
+    """`python -m deploy.serve` in a subprocess; `url`, `grpc` (host:port); `stop()` sends SIGTERM.
+
+    A port chosen free can be taken before the server binds it (an outgoing connection's ephemeral port):
+    `check()` starts the server again on new ports when it exited for that reason, at most `RETRIES` times."""
+
+    RETRIES = 3
 
     def __init__(self, registry: Path, *flags: str, spec: str = MODEL, cwd: Path | None = None):
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.args, self.cwd, self.retries = (registry, flags, spec), cwd, self.RETRIES
+        self._start()
+
+    def _start(self) -> None:
+        registry, flags, spec = self.args
+        self.http_port, self.grpc_port = free_ports(2)
         self.url, self.grpc = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
         cmd = [sys.executable, "-m", "deploy.serve", "--registry", str(registry), "--model", spec,
                "--params", str(ROOT / "params.yaml"), "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), *flags]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=self.cwd or ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def check(self) -> None:
+        """Raise if the server has exited; start it again on new ports if it exited because one was taken."""
+        if self.proc.poll() is None:
+            return
+        out = self.proc.stdout.read()
+        if "address already in use" in out and self.retries > 0:
+            self.retries -= 1
+            self._start()
+            return
+        raise AssertionError(f"the server exited {self.proc.returncode}: {out}")
 
     def wait_ready(self, timeout: float = 90.0) -> Server:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            self.check()
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
                     return self

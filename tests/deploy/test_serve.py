@@ -344,6 +344,7 @@ def test_readiness_is_false_while_the_model_loads_and_warms(registry):
                     r = httpx.post(f"{s.url}/v1/classify", json={"texts": ["a"]}, timeout=5)
                     assert r.status_code in (200, 503), r.text
             except httpx.TransportError:
+                s.check()
                 time.sleep(0.02)
     finally:
         code, _ = s.stop()
