@@ -1,0 +1,254 @@
+// The AVX-512 code path (F, BW, VL, DQ and VNNI), compiled for those instructions whatever the build's target and
+// called only when the CPU has them (avx512::supported). It mirrors portable.cpp operation by operation.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+
+namespace distillery::avx512 {
+
+bool supported() {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+
+static inline __mmask16 tail_mask(int n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+void quantize_rows(const float* x, int row0, int row1, QuantRows& out) {
+    const int k = out.k;
+    for (int r = row0; r < row1; ++r) {
+        const float* row = x + static_cast<size_t>(r) * k;
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+        for (int i = 0; i < k; i += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), row + i);  // zeros in the tail: 0 is in range
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+        }
+        const float mn = _mm512_reduce_min_ps(lo), mx = _mm512_reduce_max_ps(hi);
+        float scale = (mx - mn) / 255.0f;
+        if (scale == 0.0f) scale = 1.0f;
+        const float zpf = std::min(255.0f, std::max(0.0f, std::nearbyint(-mn / scale)));
+        const int zp = static_cast<int>(zpf);
+        const __m512 vs = _mm512_set1_ps(scale);
+        const __m512i vz = _mm512_set1_epi32(zp), v0 = _mm512_setzero_si512(), v255 = _mm512_set1_epi32(255);
+        uint8_t* q = out.q + static_cast<size_t>(r) * out.lda;
+        for (int i = 0; i < out.lda; i += 16) {
+            const __mmask16 m = tail_mask(k - i);
+            const __m512 v = _mm512_maskz_loadu_ps(m, row + i);
+            const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(t), vz);
+            qi = _mm512_min_epi32(_mm512_max_epi32(qi, v0), v255);
+            qi = _mm512_maskz_mov_epi32(m, qi);  // the padding to lda is 0
+            _mm_mask_storeu_epi8(q + i, tail_mask(out.lda - i), _mm512_cvtepi32_epi8(qi));
+        }
+        out.scale[r] = scale;
+        out.zp[r] = zp;
+    }
+}
+
+// exp_approx (ops.h), lane by lane with the same operations.
+static inline __m512 exp_v(__m512 x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-86.0f), _CMP_LT_OQ);
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145752f))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(1.42860677e-06f)));
+    __m512 p = _mm512_set1_ps(1.38888889e-3f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(1.66666667e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(1.0f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
+}
+
+// gelu (ops.h), lane by lane.
+static inline __m512 gelu_v(__m512 y) {
+    const __m512 x = _mm512_mul_ps(y, _mm512_set1_ps(0.707106781f));
+    const __m512 ax = _mm512_abs_ps(x);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_mul_ps(_mm512_set1_ps(0.3275911f), ax)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(-1.453152027f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(1.421413741f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(-0.284496736f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 r = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_mul_ps(p, exp_v(_mm512_sub_ps(_mm512_setzero_ps(),
+                                                                                         _mm512_mul_ps(ax, ax)))));
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    r = _mm512_mask_sub_ps(r, neg, _mm512_setzero_ps(), r);
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), y), _mm512_add_ps(_mm512_set1_ps(1.0f), r));
+}
+
+template <int MR, int NB>
+static void tile(const GemmArgs& g, int panel, int r0) {
+    const QuantRows& a = *g.a;
+    const Packed& w = *g.w;
+    const int8_t* b = w.panel_data(panel);
+    __m512i acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+    const uint8_t* ar[MR];
+    for (int r = 0; r < MR; ++r) ar[r] = a.q + static_cast<size_t>(r0 + r) * a.lda;
+    for (int k4 = 0; k4 < w.k4; ++k4) {
+        __m512i bv[NB];
+        for (int j = 0; j < NB; ++j) bv[j] = _mm512_loadu_si512(b + (static_cast<size_t>(k4) * NB + j) * 64);
+        for (int r = 0; r < MR; ++r) {
+            int32_t four;
+            std::memcpy(&four, ar[r] + 4 * k4, 4);
+            const __m512i av = _mm512_set1_epi32(four);
+            for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
+        }
+    }
+    const int col0 = panel * 64;
+    for (int r = 0; r < MR; ++r) {
+        const int row = r0 + r;
+        const __m512 sa = _mm512_set1_ps(a.scale[row]);
+        const __m512i zp = _mm512_set1_epi32(a.zp[row]);
+        for (int j = 0; j < NB; ++j) {
+            const int c = col0 + 16 * j;
+            const __mmask16 m = tail_mask(w.n - c);
+            if (g.out_s32) {
+                _mm512_mask_storeu_epi32(g.out_s32 + static_cast<size_t>(row) * g.ldo + c, m, acc[r][j]);
+                continue;
+            }
+            const __m512i centred =
+                _mm512_sub_epi32(acc[r][j], _mm512_mullo_epi32(zp, _mm512_loadu_si512(w.colsum + c)));
+            __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(sa, _mm512_loadu_ps(w.scale + c)));
+            y = _mm512_add_ps(y, _mm512_loadu_ps(w.bias + c));
+            if (g.gelu) y = gelu_v(y);
+            _mm512_mask_storeu_ps(g.out + static_cast<size_t>(row) * g.ldo + c, m, y);
+        }
+    }
+}
+
+template <int MR>
+static void tile_rows(const GemmArgs& g, int panel, int r0) {
+    switch (g.w->blocks(panel)) {
+        case 1: return tile<MR, 1>(g, panel, r0);
+        case 2: return tile<MR, 2>(g, panel, r0);
+        case 3: return tile<MR, 3>(g, panel, r0);
+        default: return tile<MR, 4>(g, panel, r0);
+    }
+}
+
+void gemm_tiles(const GemmArgs& g, int task0, int task1) {
+    const int tiles = row_tiles(g.a->m);
+    for (int task = task0; task < task1; ++task) {
+        const int panel = task / tiles, r0 = (task % tiles) * kRowTile;
+        switch (std::min(kRowTile, g.a->m - r0)) {
+            case 1: tile_rows<1>(g, panel, r0); break;
+            case 2: tile_rows<2>(g, panel, r0); break;
+            case 3: tile_rows<3>(g, panel, r0); break;
+            default: tile_rows<4>(g, panel, r0); break;
+        }
+    }
+}
+
+// Lanes 0..15 of a register added in order (portable.cpp's lane_sum order).
+static inline float lanes_in_order(__m512 v) {
+    alignas(64) float l[16];
+    _mm512_store_ps(l, v);
+    float s = 0.0f;
+    for (int i = 0; i < 16; ++i) s += l[i];
+    return s;
+}
+
+void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
+                   int row0, int row1, int width, float* out) {
+    std::vector<float> sum(width + 16);
+    for (int r = row0; r < row1; ++r) {
+        const float* xr = x + static_cast<size_t>(r) * width;
+        const float* rr = residual ? residual + static_cast<size_t>(r) * width : nullptr;
+        __m512 total = _mm512_setzero_ps();
+        for (int i = 0; i < width; i += 16) {
+            const __mmask16 m = tail_mask(width - i);
+            __m512 v = _mm512_maskz_loadu_ps(m, xr + i);
+            if (rr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rr + i));
+            _mm512_storeu_ps(sum.data() + i, v);
+            total = _mm512_add_ps(total, v);
+        }
+        const float mean = lanes_in_order(total) / static_cast<float>(width);
+        const __m512 vm = _mm512_set1_ps(mean);
+        __m512 sq = _mm512_setzero_ps();
+        for (int i = 0; i < width; i += 16) {
+            const __m512 d = _mm512_maskz_sub_ps(tail_mask(width - i), _mm512_loadu_ps(sum.data() + i), vm);
+            sq = _mm512_add_ps(sq, _mm512_mul_ps(d, d));
+        }
+        const float var = lanes_in_order(sq) / static_cast<float>(width);
+        const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
+        float* y = out + static_cast<size_t>(r) * width;
+        for (int i = 0; i < width; i += 16) {
+            const __mmask16 m = tail_mask(width - i);
+            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(sum.data() + i), vm);
+            const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, inv), _mm512_maskz_loadu_ps(m, gamma + i)),
+                                           _mm512_maskz_loadu_ps(m, beta + i));
+            _mm512_mask_storeu_ps(y + i, m, v);
+        }
+    }
+}
+
+static inline float dot_in_lanes(const float* a, const float* b, int n) {
+    __m512 s = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i)));
+    }
+    return lanes_in_order(s);
+}
+
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
+               int head_dim, int task0, int task1, float* out, int ldo) {
+    std::vector<float> p(seq + 16);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    for (int task = task0; task < task1; ++task) {
+        const int b = task / heads, h = task % heads;
+        const size_t base = static_cast<size_t>(b) * seq;
+        const int64_t* m = mask + base;
+        for (int i = 0; i < seq; ++i) {
+            const float* qi = q + (base + i) * ld + h * head_dim;
+            float hi = -INFINITY;
+            for (int j = 0; j < seq; ++j) {
+                if (!m[j]) continue;
+                p[j] = dot_in_lanes(qi, k + (base + j) * ld + h * head_dim, head_dim) * scale;
+                hi = std::max(hi, p[j]);
+            }
+            float total = 0.0f;
+            for (int j = 0; j < seq; j += 16) {
+                const int n = std::min(16, seq - j);
+                alignas(64) float e[16];
+                _mm512_store_ps(e, exp_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n), p.data() + j),
+                                                       _mm512_set1_ps(hi))));
+                for (int l = 0; l < n; ++l) {
+                    p[j + l] = m[j + l] ? e[l] : 0.0f;
+                    total += p[j + l];
+                }
+            }
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            float* y = out + (base + i) * ldo + h * head_dim;
+            for (int d = 0; d < head_dim; d += 16) {
+                const __mmask16 md = tail_mask(head_dim - d);
+                __m512 acc = _mm512_setzero_ps();
+                for (int j = 0; j < seq; ++j) {
+                    if (!m[j]) continue;
+                    const __m512 pj = _mm512_set1_ps(p[j] * inv);
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(pj, _mm512_maskz_loadu_ps(md, v + (base + j) * ld +
+                                                                                             h * head_dim + d)));
+                }
+                _mm512_mask_storeu_ps(y + d, md, acc);
+            }
+        }
+    }
+}
+
+}  // namespace distillery::avx512
+#pragma GCC pop_options

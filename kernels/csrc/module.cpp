@@ -1,0 +1,410 @@
+// distillery._ops: the Python binding (pybind11), the code-path choice and the thread pool.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DISTILLERY_PAUSE() _mm_pause()
+#else
+#define DISTILLERY_PAUSE() std::this_thread::yield()
+#endif
+
+#include "ops.h"
+
+namespace py = pybind11;
+using namespace distillery;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// A fixed pool of worker threads. `run(n, fn)` splits tasks [0, n) into one contiguous range per thread (thread t
+// gets [t n / T, (t + 1) n / T)), the caller taking range 0: the split, and so every result, depends only on n
+// and T. Idle workers spin for a while (a model's next operator follows within microseconds), then sleep.
+class Pool {
+  public:
+    ~Pool() {
+        if (pid_ == getpid()) resize(1);
+    }
+
+    int threads() const { return threads_; }
+
+    void resize(int n) {
+        std::lock_guard<std::mutex> guard(run_mutex_);
+        after_fork();
+        if (n == threads_) return;
+        stop_.store(true);
+        epoch_.fetch_add(1, std::memory_order_release);
+        epoch_.notify_all();
+        for (auto& t : workers_) t.join();
+        workers_.clear();
+        stop_.store(false);
+        threads_ = n;
+        for (int t = 1; t < n; ++t) workers_.emplace_back([this, t, e = epoch_.load()] { work(t, e); });
+    }
+
+    void run(int n, const std::function<void(int, int)>& fn) {
+        if (n <= 0) return;
+        std::lock_guard<std::mutex> guard(run_mutex_);
+        after_fork();
+        const int used = std::min(threads_, n);
+        if (used <= 1) {
+            fn(0, n);
+            return;
+        }
+        job_ = &fn;
+        tasks_ = n;
+        pending_.store(threads_ - 1, std::memory_order_relaxed);
+        epoch_.fetch_add(1, std::memory_order_release);
+        epoch_.notify_all();
+        fn(0, n / threads_);
+        while (pending_.load(std::memory_order_acquire) > 0) DISTILLERY_PAUSE();
+        job_ = nullptr;
+    }
+
+  private:
+    // A forked child (multiprocessing, a server's workers) has none of the parent's threads: forget them (their
+    // std::thread objects cannot be joined or destroyed there, so they are leaked) and start as many anew.
+    void after_fork() {
+        if (pid_ == getpid()) return;
+        new std::vector<std::thread>(std::move(workers_));
+        workers_ = std::vector<std::thread>();
+        pid_ = getpid();
+        stop_.store(false);
+        for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t, e = epoch_.load()] { work(t, e); });
+    }
+
+    // `seen`: the epoch when the thread was made (read there, not here: a job may already have been posted).
+    void work(int t, uint64_t seen) {
+        for (;;) {
+            uint64_t now = seen;
+            for (int spin = 0; spin < kSpin && (now = epoch_.load(std::memory_order_acquire)) == seen; ++spin)
+                DISTILLERY_PAUSE();
+            if (now == seen) {
+                epoch_.wait(seen, std::memory_order_acquire);
+                now = epoch_.load(std::memory_order_acquire);
+            }
+            seen = now;
+            if (stop_.load()) return;
+            const int begin = static_cast<int>(static_cast<int64_t>(tasks_) * t / threads_);
+            const int end = static_cast<int>(static_cast<int64_t>(tasks_) * (t + 1) / threads_);
+            if (begin < end) (*job_)(begin, end);
+            pending_.fetch_sub(1, std::memory_order_release);
+        }
+    }
+
+    static constexpr int kSpin = 20000;  // ~100-200 us of pause instructions
+    int threads_ = 1;
+    pid_t pid_ = getpid();
+    std::vector<std::thread> workers_;
+    std::mutex run_mutex_;
+    std::atomic<uint64_t> epoch_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<bool> stop_{false};
+    const std::function<void(int, int)>* job_ = nullptr;
+    int tasks_ = 0;
+};
+
+Pool& pool() {
+    static Pool p;
+    return p;
+}
+
+bool g_avx512 = false;
+
+bool use_avx512() { return g_avx512; }
+
+std::string isa() { return g_avx512 ? "avx512_vnni" : "portable"; }
+
+void set_isa(const std::string& name) {
+    if (name == "portable") {
+        g_avx512 = false;
+    } else if (name == "avx512_vnni" || name == "auto") {
+        if (name == "avx512_vnni" && !avx512::supported())
+            throw std::invalid_argument("this CPU lacks AVX-512 VNNI (needs avx512f, bw, vl, dq and vnni)");
+        g_avx512 = avx512::supported();
+    } else {
+        throw std::invalid_argument("unknown code path '" + name + "' (auto, avx512_vnni or portable)");
+    }
+}
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// ---------------------------------------------------------------------------------------------------------------
+class PackedWeights {
+  public:
+    PackedWeights(const Array<int8_t>& w, const Array<float>& scale, const py::object& bias) {
+        if (w.ndim() != 2) throw std::invalid_argument("weight must be 2-D [in, out]");
+        const int k = static_cast<int>(w.shape(0)), n = static_cast<int>(w.shape(1));
+        if (k < 1 || n < 1) throw std::invalid_argument("weight must have at least one row and one column");
+        if (scale.ndim() != 1 || scale.shape(0) != n)
+            throw std::invalid_argument("scale must be 1-D with one value per output column (" + std::to_string(n) +
+                                        ")");
+        p_.k = k;
+        p_.n = n;
+        p_.k4 = (k + 3) / 4;
+        p_.n16 = (n + 15) / 16;
+        p_.panels = (n + 63) / 64;
+        data_.assign(static_cast<size_t>(p_.k4) * p_.n16 * 64, 0);
+        colsum_.assign(p_.n16 * 16, 0);
+        scale_.assign(p_.n16 * 16, 0.0f);
+        bias_.assign(p_.n16 * 16, 0.0f);
+        auto wv = w.unchecked<2>();
+        for (int panel = 0; panel < p_.panels; ++panel) {
+            const int blocks = p_.blocks(panel);
+            int8_t* dst = data_.data() + static_cast<size_t>(panel) * p_.k4 * 256;
+            for (int k4 = 0; k4 < p_.k4; ++k4)
+                for (int c = 0; c < blocks * 16; ++c)
+                    for (int kk = 0; kk < 4; ++kk) {
+                        const int row = 4 * k4 + kk, col = panel * 64 + c;
+                        dst[(static_cast<size_t>(k4) * blocks * 16 + c) * 4 + kk] =
+                            row < k && col < n ? wv(row, col) : 0;
+                    }
+        }
+        for (int j = 0; j < n; ++j) {
+            int32_t s = 0;
+            for (int i = 0; i < k; ++i) s += wv(i, j);
+            colsum_[j] = s;
+        }
+        auto sv = scale.unchecked<1>();
+        for (int j = 0; j < n; ++j) scale_[j] = sv(j);
+        if (!bias.is_none()) {
+            Array<float> b = bias.cast<Array<float>>();
+            if (b.ndim() != 1 || b.shape(0) != n)
+                throw std::invalid_argument("bias must be 1-D with one value per output column (" + std::to_string(n) +
+                                            ")");
+            auto bv = b.unchecked<1>();
+            for (int j = 0; j < n; ++j) bias_[j] = bv(j);
+        }
+        p_.data = data_.data();
+        p_.colsum = colsum_.data();
+        p_.scale = scale_.data();
+        p_.bias = bias_.data();
+    }
+
+    const Packed& packed() const { return p_; }
+    int k() const { return p_.k; }
+    int n() const { return p_.n; }
+    size_t nbytes() const { return data_.size() + 12 * colsum_.size(); }
+
+  private:
+    Packed p_;
+    std::vector<int8_t> data_;
+    std::vector<int32_t> colsum_;
+    std::vector<float> scale_, bias_;
+};
+
+struct Quantized {
+    std::vector<uint8_t> q;
+    std::vector<float> scale;
+    std::vector<int32_t> zp;
+    QuantRows rows;
+};
+
+void check_rows(const py::buffer_info& x, int k, const char* name) {
+    if (x.ndim < 1 || x.shape[x.ndim - 1] != k)
+        throw std::invalid_argument(std::string(name) + "'s last dimension must be " + std::to_string(k) + ", got " +
+                                    (x.ndim ? std::to_string(x.shape[x.ndim - 1]) : std::string("a scalar")));
+}
+
+int64_t leading_rows(const py::buffer_info& x) {
+    int64_t m = 1;
+    for (py::ssize_t i = 0; i + 1 < x.ndim; ++i) m *= x.shape[i];
+    return m;
+}
+
+void quantize_into(const float* x, int m, int k, Quantized& out) {
+    out.rows.m = m;
+    out.rows.k = k;
+    out.rows.lda = 4 * ((k + 3) / 4);
+    out.q.resize(static_cast<size_t>(m) * out.rows.lda + 64);
+    out.scale.resize(m);
+    out.zp.resize(m);
+    out.rows.q = out.q.data();
+    out.rows.scale = out.scale.data();
+    out.rows.zp = out.zp.data();
+    const bool fast = use_avx512();
+    pool().run(m, [&](int r0, int r1) {
+        if (fast)
+            avx512::quantize_rows(x, r0, r1, out.rows);
+        else
+            portable::quantize_rows(x, r0, r1, out.rows);
+    });
+}
+
+void gemm(const GemmArgs& g) {
+    const int tasks = g.w->panels * row_tiles(g.a->m);
+    const bool fast = use_avx512();
+    pool().run(tasks, [&](int t0, int t1) {
+        if (fast)
+            avx512::gemm_tiles(g, t0, t1);
+        else
+            portable::gemm_tiles(g, t0, t1);
+    });
+}
+
+std::vector<py::ssize_t> out_shape(const py::buffer_info& x, int n) {
+    std::vector<py::ssize_t> shape(x.shape.begin(), x.shape.end());
+    shape.back() = n;
+    return shape;
+}
+
+// y = dequant(quant(x) @ w) + bias (then GELU): x [..., K] float32 -> [..., N] float32.
+py::array_t<float> linear(const Array<float>& x, const PackedWeights& w, bool gelu) {
+    const py::buffer_info xb = x.request();
+    check_rows(xb, w.k(), "x");
+    const int64_t m = leading_rows(xb);
+    py::array_t<float> y(out_shape(xb, w.n()));
+    float* out = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        Quantized a;
+        quantize_into(static_cast<const float*>(xb.ptr), static_cast<int>(m), w.k(), a);
+        gemm(GemmArgs{&a.rows, &w.packed(), out, nullptr, w.n(), gelu});
+    }
+    return y;
+}
+
+// The raw INT32 accumulators of u8 activations [M, K] against the packed weights: [M, N].
+py::array_t<int32_t> gemm_s32(const Array<uint8_t>& a, const PackedWeights& w) {
+    const py::buffer_info ab = a.request();
+    if (ab.ndim != 2) throw std::invalid_argument("a must be 2-D [rows, in]");
+    check_rows(ab, w.k(), "a");
+    const int m = static_cast<int>(ab.shape[0]), k = w.k(), lda = 4 * ((k + 3) / 4);
+    py::array_t<int32_t> y({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(w.n())});
+    int32_t* out = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        Quantized q;
+        q.q.assign(static_cast<size_t>(m) * lda + 64, 0);
+        q.scale.assign(m, 1.0f);
+        q.zp.assign(m, 0);
+        for (int r = 0; r < m; ++r)
+            std::memcpy(q.q.data() + static_cast<size_t>(r) * lda, static_cast<const uint8_t*>(ab.ptr) +
+                        static_cast<size_t>(r) * k, k);
+        q.rows = QuantRows{m, k, lda, q.q.data(), q.scale.data(), q.zp.data()};
+        gemm(GemmArgs{&q.rows, &w.packed(), nullptr, out, w.n(), false});
+    }
+    return y;
+}
+
+py::tuple quantize_rows(const Array<float>& x) {
+    const py::buffer_info xb = x.request();
+    if (xb.ndim != 2) throw std::invalid_argument("x must be 2-D [rows, in]");
+    const int m = static_cast<int>(xb.shape[0]), k = static_cast<int>(xb.shape[1]);
+    Quantized a;
+    {
+        py::gil_scoped_release release;
+        quantize_into(static_cast<const float*>(xb.ptr), m, k, a);
+    }
+    py::array_t<uint8_t> q({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(k)});
+    for (int r = 0; r < m; ++r)
+        std::memcpy(q.mutable_data(r, 0), a.q.data() + static_cast<size_t>(r) * a.rows.lda, k);
+    py::array_t<float> scale(m);
+    py::array_t<int32_t> zp(m);
+    std::memcpy(scale.mutable_data(), a.scale.data(), m * sizeof(float));
+    std::memcpy(zp.mutable_data(), a.zp.data(), m * sizeof(int32_t));
+    return py::make_tuple(q, scale, zp);
+}
+
+// LayerNorm(x + residual) over the last dimension (residual may be None).
+py::array_t<float> add_layernorm(const Array<float>& x, const py::object& residual, const Array<float>& gamma,
+                                 const Array<float>& beta, float eps) {
+    const py::buffer_info xb = x.request();
+    if (xb.ndim < 1) throw std::invalid_argument("x must have at least one dimension");
+    const int width = static_cast<int>(xb.shape[xb.ndim - 1]);
+    check_rows(gamma.request(), width, "gamma");
+    check_rows(beta.request(), width, "beta");
+    Array<float> r;
+    const float* rp = nullptr;
+    if (!residual.is_none()) {
+        r = residual.cast<Array<float>>();
+        if (r.request().shape != xb.shape) throw std::invalid_argument("residual must have x's shape");
+        rp = r.data();
+    }
+    const int64_t m = leading_rows(xb);
+    py::array_t<float> y(xb.shape);
+    float* out = y.mutable_data();
+    const float* xp = static_cast<const float*>(xb.ptr);
+    const float *g = gamma.data(), *b = beta.data();
+    {
+        py::gil_scoped_release release;
+        const bool fast = use_avx512();
+        pool().run(static_cast<int>(m), [&](int r0, int r1) {
+            if (fast)
+                avx512::add_layernorm(xp, rp, g, b, eps, r0, r1, width, out);
+            else
+                portable::add_layernorm(xp, rp, g, b, eps, r0, r1, width, out);
+        });
+    }
+    return y;
+}
+
+// Multi-head attention over short sequences: q, k, v [B, S, H * D] (or one [B, S, 3 H D] tensor split in
+// three), mask [B, S] (non-zero = a real token) -> [B, S, H * D].
+py::array_t<float> attention(const Array<float>& q, const Array<float>& k, const Array<float>& v,
+                             const Array<int64_t>& mask, int heads) {
+    const py::buffer_info qb = q.request(), kb = k.request(), vb = v.request(), mb = mask.request();
+    if (qb.ndim != 3) throw std::invalid_argument("q must be 3-D [batch, seq, heads * head_dim]");
+    if (kb.shape != qb.shape || vb.shape != qb.shape) throw std::invalid_argument("k and v must have q's shape");
+    const int batch = static_cast<int>(qb.shape[0]), seq = static_cast<int>(qb.shape[1]);
+    const int width = static_cast<int>(qb.shape[2]);
+    if (heads < 1 || width % heads) throw std::invalid_argument("heads must divide the width " + std::to_string(width));
+    if (mb.ndim != 2 || mb.shape[0] != batch || mb.shape[1] != seq)
+        throw std::invalid_argument("mask must be [batch, seq]");
+    py::array_t<float> y(qb.shape);
+    float* out = y.mutable_data();
+    const float *qp = q.data(), *kp = k.data(), *vp = v.data();
+    const int64_t* mp = mask.data();
+    {
+        py::gil_scoped_release release;
+        const bool fast = use_avx512();
+        const int hd = width / heads;
+        pool().run(batch * heads, [&](int t0, int t1) {
+            if (fast)
+                avx512::attention(qp, kp, vp, width, mp, seq, heads, hd, t0, t1, out, width);
+            else
+                portable::attention(qp, kp, vp, width, mp, seq, heads, hd, t0, t1, out, width);
+        });
+    }
+    return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_ops, m) {
+    m.doc() = "distillery's compiled CPU operators (see kernels/__init__.py)";
+    set_isa("auto");
+    m.def("isa", &isa, "the code path in use: avx512_vnni or portable");
+    m.def("set_isa", &set_isa, py::arg("name"), "auto, avx512_vnni or portable");
+    m.def("avx512_supported", &avx512::supported);
+    m.def("threads", [] { return pool().threads(); });
+    m.def("set_threads", [](int n) {
+        if (n < 1 || n > 256) throw std::invalid_argument("threads must be in [1, 256], got " + std::to_string(n));
+        py::gil_scoped_release release;
+        pool().resize(n);
+    }, py::arg("n"));
+    py::class_<PackedWeights>(m, "PackedWeights")
+        .def(py::init<const Array<int8_t>&, const Array<float>&, const py::object&>(), py::arg("weight"),
+             py::arg("scale"), py::arg("bias") = py::none())
+        .def_property_readonly("k", &PackedWeights::k)
+        .def_property_readonly("n", &PackedWeights::n)
+        .def_property_readonly("nbytes", &PackedWeights::nbytes);
+    m.def("linear", &linear, py::arg("x"), py::arg("weights"), py::arg("gelu") = false);
+    m.def("gemm_s32", &gemm_s32, py::arg("a"), py::arg("weights"));
+    m.def("quantize_rows", &quantize_rows, py::arg("x"));
+    m.def("add_layernorm", &add_layernorm, py::arg("x"), py::arg("residual"), py::arg("gamma"), py::arg("beta"),
+          py::arg("eps"));
+    m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("heads"));
+}

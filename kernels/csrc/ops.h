@@ -1,0 +1,112 @@
+// distillery kernels: declarations shared by the portable and the AVX-512 code paths, and the module.
+//
+// Every operator is written twice, once per code path, and both compute the same floating-point operations in
+// the same order (the build passes -ffp-contract=off, so no multiply-add is fused behind our back): a result does
+// not depend on the path or on the thread count. kernels/reference.py defines each result in NumPy.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+namespace distillery {
+
+// INT8 weights [K, N] packed for the matmul's inner loop: 64-column panels; inside a panel, for each group of 4
+// rows of K, the panel's 16-column blocks one after another, each 64 bytes = 16 columns x 4 consecutive k. This
+// is the operand layout of VNNI's vpdpbusd (16 int32 lanes, each the dot product of 4 u8 x 4 s8), and the
+// portable loop reads the same bytes.
+struct Packed {
+    int k = 0, n = 0;       // logical shape
+    int k4 = 0;             // ceil(k / 4)
+    int n16 = 0;            // ceil(n / 16): 16-column blocks
+    int panels = 0;         // ceil(n / 64)
+    int8_t* data = nullptr; // panels x k4 x blocks(panel) x 64 bytes
+    int32_t* colsum = nullptr;  // [n16 * 16]: sum over k of each column (the activations' zero point term)
+    float* scale = nullptr;     // [n16 * 16]: per-column weight scales (0 in the padding)
+    float* bias = nullptr;      // [n16 * 16]: bias (0 when none, and in the padding)
+    int blocks(int panel) const { return panel == panels - 1 ? n16 - 4 * panel : 4; }
+    const int8_t* panel_data(int panel) const { return data + static_cast<size_t>(panel) * k4 * 256; }
+};
+
+// Activations quantized per row: u8 with the row's zero point, as ONNX's DynamicQuantizeLinear does for a tensor
+// (the range always holds 0; scale = (max - min) / 255; zp = rint(-min / scale); q = clamp(rint(x / scale) + zp)).
+struct QuantRows {
+    int m = 0, k = 0, lda = 0;  // lda = 4 * ceil(k / 4), the tail zero-filled
+    uint8_t* q = nullptr;
+    float* scale = nullptr;
+    int32_t* zp = nullptr;
+};
+
+// One matmul call: rows [m] of `a` against `w`, written as floats (y = (acc - zp * colsum) * (sa * sw) + bias,
+// then GELU when `gelu`) or, when `out_s32` is set, as the raw INT32 accumulators.
+struct GemmArgs {
+    const QuantRows* a;
+    const Packed* w;
+    float* out;
+    int32_t* out_s32;
+    int ldo;
+    bool gelu;
+};
+
+// Scalar helpers both paths use for the same arithmetic (the vector code mirrors them lane by lane).
+inline float erf_approx(float x);
+inline float exp_approx(float x);
+
+namespace portable {
+void quantize_rows(const float* x, int row0, int row1, QuantRows& out);
+void gemm_tiles(const GemmArgs& g, int task0, int task1);  // tasks: panel-major (panel, 4-row tile)
+void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
+                   int row0, int row1, int width, float* out);
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
+               int head_dim, int task0, int task1, float* out, int ldo);
+}  // namespace portable
+
+namespace avx512 {
+bool supported();
+void quantize_rows(const float* x, int row0, int row1, QuantRows& out);
+void gemm_tiles(const GemmArgs& g, int task0, int task1);
+void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
+                   int row0, int row1, int width, float* out);
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
+               int head_dim, int task0, int task1, float* out, int ldo);
+}  // namespace avx512
+
+constexpr int kRowTile = 4;
+
+inline int row_tiles(int m) { return (m + kRowTile - 1) / kRowTile; }
+
+// exp(x) for float: x = n ln2 + f (|f| <= ln2 / 2), 2^n exactly, e^f by its degree-6 Taylor polynomial (relative
+// error < 2e-7 over the range); under -86 it is 0 (no subnormal results), which softmax and GELU want.
+inline float exp_approx(float x) {
+    if (x < -86.0f) return 0.0f;
+    if (x > 88.0f) x = 88.0f;
+    const float n = std::nearbyint(x * 1.44269504f);
+    const float f = (x - n * 0.693145752f) - n * 1.42860677e-06f;
+    float p = 1.38888889e-3f;
+    p = p * f + 8.33333333e-3f;
+    p = p * f + 4.16666667e-2f;
+    p = p * f + 1.66666667e-1f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    return std::ldexp(p, static_cast<int>(n));
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7): 1 - (a1 t + ... + a5 t^5) e^(-x^2), t = 1/(1+px).
+inline float erf_approx(float x) {
+    const float ax = std::fabs(x);
+    const float t = 1.0f / (1.0f + 0.3275911f * ax);
+    float p = 1.061405429f;
+    p = p * t + -1.453152027f;
+    p = p * t + 1.421413741f;
+    p = p * t + -0.284496736f;
+    p = p * t + 0.254829592f;
+    p = p * t;
+    const float r = 1.0f - p * exp_approx(-(ax * ax));
+    return x < 0.0f ? -r : r;
+}
+
+inline float gelu(float y) { return 0.5f * y * (1.0f + erf_approx(y * 0.707106781f)); }
+
+}  // namespace distillery
