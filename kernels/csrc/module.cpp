@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -224,7 +225,7 @@ int64_t leading_rows(const py::buffer_info& x) {
     return m;
 }
 
-void quantize_into(const float* x, int m, int k, Quantized& out) {
+void prepare(Quantized& out, int m, int k) {
     out.rows.m = m;
     out.rows.k = k;
     out.rows.lda = 4 * ((k + 3) / 4);
@@ -234,6 +235,10 @@ void quantize_into(const float* x, int m, int k, Quantized& out) {
     out.rows.q = out.q.data();
     out.rows.scale = out.scale.data();
     out.rows.zp = out.zp.data();
+}
+
+void quantize_into(const float* x, int m, int k, Quantized& out) {
+    prepare(out, m, k);
     const bool fast = use_avx512();
     pool().run(m, [&](int r0, int r1) {
         if (fast)
@@ -269,9 +274,45 @@ py::array_t<float> linear(const Array<float>& x, const PackedWeights& w, bool ge
     float* out = y.mutable_data();
     {
         py::gil_scoped_release release;
-        Quantized a;
-        quantize_into(static_cast<const float*>(xb.ptr), static_cast<int>(m), w.k(), a);
-        gemm(GemmArgs{&a.rows, &w.packed(), out, nullptr, w.n(), gelu});
+        // Reused across calls (no allocation once the widest input was seen). A thread_local named inside a lambda
+        // is the running thread's own, so the pool's threads reach the caller's through this reference.
+        thread_local Quantized mine;
+        Quantized& a = mine;
+        const float* xp = static_cast<const float*>(xb.ptr);
+        const int rows = static_cast<int>(m), threads = pool().threads();
+        if (threads == 1 || rows * w.packed().panels < 2) {
+            quantize_into(xp, rows, w.k(), a);
+            gemm(GemmArgs{&a.rows, &w.packed(), out, nullptr, w.n(), gelu});
+        } else {
+            // One wake-up of the pool for both phases: each thread quantizes its share of the rows, waits at a
+            // barrier until all rows are, then computes its share of the tiles. (Two pool calls cost a second
+            // round trip between the cores, a visible share of a 13-row matmul.)
+            prepare(a, rows, w.k());
+            const GemmArgs g{&a.rows, &w.packed(), out, nullptr, w.n(), gelu};
+            const int tasks = w.packed().panels * row_tiles(rows);
+            const bool fast = use_avx512();
+            std::atomic<int> arrived{0};
+            pool().run(threads, [&](int t0, int t1) {
+                for (int t = t0; t < t1; ++t) {
+                    const int r0 = static_cast<int>(int64_t{rows} * t / threads);
+                    const int r1 = static_cast<int>(int64_t{rows} * (t + 1) / threads);
+                    if (fast)
+                        avx512::quantize_rows(xp, r0, r1, a.rows);
+                    else
+                        portable::quantize_rows(xp, r0, r1, a.rows);
+                }
+                arrived.fetch_add(t1 - t0, std::memory_order_acq_rel);
+                while (arrived.load(std::memory_order_acquire) < threads) DISTILLERY_PAUSE();
+                for (int t = t0; t < t1; ++t) {
+                    const int k0 = static_cast<int>(int64_t{tasks} * t / threads);
+                    const int k1 = static_cast<int>(int64_t{tasks} * (t + 1) / threads);
+                    if (fast)
+                        avx512::gemm_tiles(g, k0, k1);
+                    else
+                        portable::gemm_tiles(g, k0, k1);
+                }
+            });
+        }
     }
     return y;
 }
@@ -381,6 +422,24 @@ py::array_t<float> attention(const Array<float>& q, const Array<float>& k, const
     return y;
 }
 
+// INT8 multiply-adds per second of the AVX-512 VNNI peak loop on every pool thread at once (0 without VNNI).
+double peak_macs_per_second(double seconds) {
+    if (!avx512::supported()) return 0.0;
+    py::gil_scoped_release release;
+    const int n = pool().threads();
+    int64_t iterations = 1 << 16;
+    for (;;) {
+        const auto start = std::chrono::steady_clock::now();
+        std::atomic<int64_t> sink{0};
+        pool().run(n, [&](int t0, int t1) {
+            for (int t = t0; t < t1; ++t) sink += avx512::peak_loop(iterations);
+        });
+        const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (took >= seconds || iterations >= (int64_t{1} << 40)) return 1536.0 * iterations * n / took;
+        iterations *= 2;
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_ops, m) {
@@ -395,6 +454,8 @@ PYBIND11_MODULE(_ops, m) {
         py::gil_scoped_release release;
         pool().resize(n);
     }, py::arg("n"));
+    m.def("peak_macs_per_second", &peak_macs_per_second, py::arg("seconds") = 0.2,
+          "INT8 multiply-adds per second of a register-only VNNI loop on all pool threads (0 without VNNI)");
     py::class_<PackedWeights>(m, "PackedWeights")
         .def(py::init<const Array<int8_t>&, const Array<float>&, const py::object&>(), py::arg("weight"),
              py::arg("scale"), py::arg("bias") = py::none())

@@ -64,6 +64,7 @@ void attention(const float* q, const float* k, const float* v, int ld, const int
 
 namespace avx512 {
 bool supported();
+int64_t peak_loop(int64_t iterations);  // iterations x 24 independent vpdpbusd: INT8 multiply-adds = 1536 x iterations
 void quantize_rows(const float* x, int row0, int row1, QuantRows& out);
 void gemm_tiles(const GemmArgs& g, int task0, int task1);
 void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
