@@ -1,6 +1,6 @@
 """The compiled operators (kernels/) against ONNX Runtime's at the student's shapes, on 1 and 2 threads.
 
-    python bench/kernels.py [--runs 2000] [--tokens 13] [--batch 32] [--json FILE]
+    python bench/kernels.py [--runs 2000] [--tokens 13] [--batch 32] [--run DIR] [--json FILE]
 
 One table per batch (1 query of `--tokens` tokens, the Banking77 test median; and `--batch` such queries): each
 operator of a transformer layer (hidden 384, 12 heads of 32, feed-forward 1536), ours against the ONNX Runtime
@@ -10,6 +10,11 @@ kernel that does the same work in the project's sessions:
   feed-forward) against DynamicQuantizeMatMul (+ Add for the bias, + Gelu);
 - residual add + LayerNorm against Add + LayerNormalization and against SkipLayerNormalization;
 - attention over q, k, v against MultiHeadAttention.
+
+With `--run DIR` (a project folder whose `quantize` and `build` stages ran, e.g. a `bench/banking77.py --keep`
+folder) a third table: the whole student on the kernels engine (distillery_kernels.engine, from quantize's INT8
+model) against ONNX Runtime's fused INT8 engine from `build`, at batch 1 (the test queries, cycled) and batch
+`--batch`, on 1 and 2 threads, with the engine's agreement and largest logit difference on the validation split.
 
 Everything is timed side by side in interleaved rounds in one process (read the ratios, not the microseconds: this
 machine is noisy). The INT8 linears also show the share of the machine's INT8 peak they reach, measured here by a
@@ -163,11 +168,50 @@ def print_table(title: str, rows: list[dict]) -> None:
             print(f"{'  (ORT SkipLayerNorm)':<24}{'':<26}{fused}")
 
 
+def whole_model(run: Path, batch: int, runs: int) -> dict:
+    """The student on the engine against ONNX Runtime's fused INT8 engine: p50 ms per call, and parity."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from distillery_kernels.engine import Engine, agreement
+    from stages.model.encoder import TokenizedTexts
+    from stages.runtime.onnx import feeds
+
+    int8, fused = run / "data/07_quantize/model.int8.onnx", run / "data/08_build/engines/onnxruntime_int8.onnx"
+    for path in (int8, fused):
+        if not path.is_file():
+            raise SystemExit(f"bench/kernels: {path} not found: run `dvc repro build` in {run} first")
+    engine = Engine.from_onnx(int8)
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "data/07_quantize/tokenizer"))
+
+    def tokenized(split: str) -> TokenizedTexts:
+        return TokenizedTexts(tokenizer, pl.read_parquet(run / f"data/02_clean/{split}.parquet")["text"].to_list(), 64)
+
+    test, val = tokenized("test"), tokenized("val")
+    pairs = lambda rows: [(f["input_ids"], f["attention_mask"]) for f in rows]  # noqa: E731
+    singles = pairs(feeds(test.batch([i])) for i in range(len(test)))
+    order = np.argsort(test.lengths, kind="stable")
+    batches = pairs(feeds(test.batch(order[s : s + batch])) for s in range(0, len(test) - batch + 1, batch))
+    parity = agreement(engine, session(int8, 2), pairs(feeds(val.batch(list(range(s, min(s + 64, len(val))))))
+                                                       for s in range(0, len(val), 64)))  # fmt: skip
+    out = {"parity": parity}
+    for label, inputs, n in (("batch_1", singles, runs), (f"batch_{batch}", batches, max(100, runs // 10))):
+        fns = {}
+        for t in THREADS:
+            sess = session(fused, t)
+            fns[f"ort|{t}"] = lambda a, s=sess: s.run(["logits"], {"input_ids": a[0], "attention_mask": a[1]})
+            fns[f"ours|{t}"] = lambda a, t=t: (kernels.set_threads(t), engine.run(*a))
+        samples = side_by_side(fns, inputs, n, rounds=8, warmup=20)
+        out[label] = {key: round(percentiles(v)["p50"], 4) for key, v in samples.items()}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=2000, help="timed calls per operator, thread count and engine")
     ap.add_argument("--tokens", type=int, default=13, help="tokens per query (Banking77's test median: 13)")
     ap.add_argument("--batch", type=int, default=32, help="queries in the batched table")
+    ap.add_argument("--run", type=Path, help="also time the whole student of this project folder (after build)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     if not kernels.available():
@@ -182,6 +226,22 @@ def main() -> int:
     one = {row["op"]: row for row in results["batch_1"]}
     print("\nINT8 linear, ours on 2 threads vs 1 at one query's rows (target >= 1.7x): " + ", ".join(
         f"{name} {one[name]['scaling']:.2f}x" for name in LINEARS))  # fmt: skip
+    if args.run:
+        model = whole_model(args.run, args.batch, args.runs)
+        results["whole_model"] = model
+        print(f"\nwhole student ({args.run}): kernels engine vs ONNX Runtime's fused INT8 engine, p50 ms per call")
+        print(f"{'batch':<10}" + "".join(f"{f'ours {t}t':>10}{f'ORT {t}t':>10}{'speedup':>9}" for t in THREADS))
+        for label in ("batch_1", f"batch_{args.batch}"):
+            row = model[label]
+            cells = "".join(
+                f"{row[f'ours|{t}']:>10.3f}{row[f'ort|{t}']:>10.3f}{row[f'ort|{t}'] / row[f'ours|{t}']:>8.2f}x"
+                for t in THREADS
+            )
+            print(f"{label.replace('batch_', ''):<10}{cells}")
+        parity = model["parity"]
+        share = 100 * parity["max_rel_logit_diff"]
+        print(f"parity on validation: agreement {parity['agreement']:.4f}, max |logit diff| "
+              f"{parity['max_abs_logit_diff']:.4f} ({share:.2f}% of the logit range)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"isa": kernels.isa(), "tokens": args.tokens, **results}, indent=2) + "\n")
     kernels.set_threads(1)

@@ -210,54 +210,73 @@ void add_layernorm(const float* x, const float* residual, const float* gamma, co
     }
 }
 
-static inline float dot_in_lanes(const float* a, const float* b, int n) {
-    __m512 s = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask(n - i);
-        s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i)));
+// QB queries of one (batch row, head) at a time: their score and output sums are independent chains, which keeps
+// the adder busy (one query alone waits on the latency of each add); every lane still sums in portable.cpp's order.
+template <int QB>
+static void attention_queries(const float* q, const float* v, int ld, const int64_t* m, int seq, int sp,
+                              int head_dim, const float* kt, float* p, float scale, float* out, int ldo) {
+    for (int j = 0; j < sp; j += 16) {
+        __m512 acc[QB];
+        for (int r = 0; r < QB; ++r) acc[r] = _mm512_setzero_ps();
+        for (int d = 0; d < head_dim; ++d) {
+            const __m512 kv = _mm512_loadu_ps(kt + static_cast<size_t>(d) * sp + j);
+            for (int r = 0; r < QB; ++r)
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(q[static_cast<size_t>(r) * ld + d]), kv));
+        }
+        for (int r = 0; r < QB; ++r) _mm512_storeu_ps(p + r * sp + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
     }
-    return lanes_in_order(s);
+    for (int r = 0; r < QB; ++r) {
+        float* pr = p + r * sp;
+        float hi = -INFINITY;
+        for (int j = 0; j < seq; ++j)
+            if (m[j]) hi = std::max(hi, pr[j]);
+        float total = 0.0f;
+        for (int j = 0; j < seq; j += 16) {
+            const int n = std::min(16, seq - j);
+            alignas(64) float e[16];
+            _mm512_store_ps(e, exp_v(_mm512_sub_ps(_mm512_loadu_ps(pr + j), _mm512_set1_ps(hi))));
+            for (int l = 0; l < n; ++l) {
+                pr[j + l] = m[j + l] ? e[l] : 0.0f;
+                total += pr[j + l];
+            }
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int j = 0; j < seq; ++j) pr[j] = pr[j] * inv;
+    }
+    for (int d = 0; d < head_dim; d += 16) {
+        const __mmask16 md = tail_mask(head_dim - d);
+        __m512 acc[QB];
+        for (int r = 0; r < QB; ++r) acc[r] = _mm512_setzero_ps();
+        for (int j = 0; j < seq; ++j) {
+            if (!m[j]) continue;
+            const __m512 vj = _mm512_maskz_loadu_ps(md, v + static_cast<size_t>(j) * ld + d);
+            for (int r = 0; r < QB; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(p[r * sp + j]), vj));
+        }
+        for (int r = 0; r < QB; ++r) _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * ldo + d, md, acc[r]);
+    }
 }
 
 void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
                int head_dim, int task0, int task1, float* out, int ldo) {
-    std::vector<float> p(seq + 16);
+    constexpr int kQueries = 4;
+    const int sp = (seq + 15) / 16 * 16;
+    std::vector<float> p(static_cast<size_t>(kQueries) * sp), kt(static_cast<size_t>(head_dim) * sp, 0.0f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     for (int task = task0; task < task1; ++task) {
         const int b = task / heads, h = task % heads;
         const size_t base = static_cast<size_t>(b) * seq;
         const int64_t* m = mask + base;
-        for (int i = 0; i < seq; ++i) {
+        for (int j = 0; j < seq; ++j)
+            for (int d = 0; d < head_dim; ++d) kt[static_cast<size_t>(d) * sp + j] = k[(base + j) * ld + h * head_dim + d];
+        const float* vh = v + base * ld + h * head_dim;
+        for (int i = 0; i < seq; i += kQueries) {
             const float* qi = q + (base + i) * ld + h * head_dim;
-            float hi = -INFINITY;
-            for (int j = 0; j < seq; ++j) {
-                if (!m[j]) continue;
-                p[j] = dot_in_lanes(qi, k + (base + j) * ld + h * head_dim, head_dim) * scale;
-                hi = std::max(hi, p[j]);
-            }
-            float total = 0.0f;
-            for (int j = 0; j < seq; j += 16) {
-                const int n = std::min(16, seq - j);
-                alignas(64) float e[16];
-                _mm512_store_ps(e, exp_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n), p.data() + j),
-                                                       _mm512_set1_ps(hi))));
-                for (int l = 0; l < n; ++l) {
-                    p[j + l] = m[j + l] ? e[l] : 0.0f;
-                    total += p[j + l];
-                }
-            }
-            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
             float* y = out + (base + i) * ldo + h * head_dim;
-            for (int d = 0; d < head_dim; d += 16) {
-                const __mmask16 md = tail_mask(head_dim - d);
-                __m512 acc = _mm512_setzero_ps();
-                for (int j = 0; j < seq; ++j) {
-                    if (!m[j]) continue;
-                    const __m512 pj = _mm512_set1_ps(p[j] * inv);
-                    acc = _mm512_add_ps(acc, _mm512_mul_ps(pj, _mm512_maskz_loadu_ps(md, v + (base + j) * ld +
-                                                                                             h * head_dim + d)));
-                }
-                _mm512_mask_storeu_ps(y + d, md, acc);
+            switch (std::min(kQueries, seq - i)) {
+                case 1: attention_queries<1>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
+                case 2: attention_queries<2>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
+                case 3: attention_queries<3>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
+                default: attention_queries<4>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo);
             }
         }
     }

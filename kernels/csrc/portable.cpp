@@ -101,35 +101,32 @@ void add_layernorm(const float* x, const float* residual, const float* gamma, co
     }
 }
 
-// q . k in the same 16 interleaved lanes.
-static float lane_sum_dot(const float* a, const float* b, int n) {
-    float lanes[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
-    for (int l = 0; i + l < n; ++l) lanes[l] += a[i + l] * b[i + l];
-    float s = 0.0f;
-    for (int l = 0; l < 16; ++l) s += lanes[l];
-    return s;
-}
-
-// One (batch row, head) per task: scores = q k^T / sqrt(d) over the unmasked keys, softmax, times v.
+// One (batch row, head) per task: scores = q k^T / sqrt(d) over the unmasked keys, softmax, times v. The keys are
+// first transposed into kt[d][j], so a score is summed over d in order, all keys at once (the AVX-512 path takes
+// 16 keys per register in the same order).
 void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
                int head_dim, int task0, int task1, float* out, int ldo) {
-    std::vector<float> p(seq);
+    const int sp = (seq + 15) / 16 * 16;
+    std::vector<float> p(sp), kt(static_cast<size_t>(head_dim) * sp, 0.0f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     for (int task = task0; task < task1; ++task) {
         const int b = task / heads, h = task % heads;
         const size_t base = static_cast<size_t>(b) * seq;
         const int64_t* m = mask + base;
+        for (int j = 0; j < seq; ++j)
+            for (int d = 0; d < head_dim; ++d) kt[static_cast<size_t>(d) * sp + j] = k[(base + j) * ld + h * head_dim + d];
         for (int i = 0; i < seq; ++i) {
             const float* qi = q + (base + i) * ld + h * head_dim;
+            for (int j = 0; j < sp; ++j) p[j] = 0.0f;
+            for (int d = 0; d < head_dim; ++d) {
+                const float qd = qi[d];
+                const float* row = kt.data() + static_cast<size_t>(d) * sp;
+                for (int j = 0; j < sp; ++j) p[j] += qd * row[j];
+            }
             float hi = -INFINITY;
             for (int j = 0; j < seq; ++j) {
-                if (!m[j]) continue;
-                const float* kj = k + (base + j) * ld + h * head_dim;
-                p[j] = lane_sum_dot(qi, kj, head_dim) * scale;
-                hi = std::max(hi, p[j]);
+                p[j] = p[j] * scale;
+                if (m[j]) hi = std::max(hi, p[j]);
             }
             float total = 0.0f;
             for (int j = 0; j < seq; ++j) {
@@ -141,7 +138,7 @@ void attention(const float* q, const float* k, const float* v, int ld, const int
             for (int d = 0; d < head_dim; ++d) y[d] = 0.0f;
             for (int j = 0; j < seq; ++j) {
                 if (!m[j]) continue;
-                const float pj = p[j] * inv;
+                const float pj = p[j] * inv;  // the same product the AVX-512 path stores before its sums
                 const float* vj = v + (base + j) * ld + h * head_dim;
                 for (int d = 0; d < head_dim; ++d) y[d] += pj * vj[d];
             }

@@ -1,0 +1,85 @@
+"""The kernels engine runs the whole student from the INT8 ONNX model quantize writes: its logits against ONNX
+Runtime's on the same file, pruned heads (a different head count per layer), byte-identical reruns, and clear
+errors for a model it cannot run or an input out of range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import distillery_kernels as kernels
+from distillery_kernels.engine import Engine, EngineError, agreement
+from stages.model.encoder import TokenizedTexts, shrink_layer
+from stages.runtime.onnx import export_onnx, feeds, quantize_dynamic_int8
+from stages.runtime.sessions import session
+from tests.stages.tiny import dataset, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny BERT student with layer 0 pruned to 3 of its 4 heads and 50 of its 64 feed-forward neurons, as prune
+    does, exported and quantized as quantize does."""
+    model, tok = tiny_teacher(seed=4, heads=4)
+    shrink_layer(model.encoder.encoder.layer[0], heads=[0, 1, 3], neurons=list(range(50)))
+    root = tmp_path_factory.mktemp("engine")
+    fp32, int8 = root / "model.onnx", root / "model.int8.onnx"
+    assert export_onnx(model, tok, fp32, 18) == "canonical"
+    quantize_dynamic_int8(fp32, int8, per_channel=True)
+    return int8, tok
+
+
+@pytest.fixture(scope="module")
+def batches(quantized):
+    _, tok = quantized
+    texts = TokenizedTexts(tok, dataset(12, seed=5)["text"].to_list() + ["a", "zebras track my parcel please now"], 16)
+    rows = [feeds(texts.batch(list(range(s, min(s + 8, len(texts)))))) for s in range(0, len(texts), 8)]
+    return [(b["input_ids"], b["attention_mask"]) for b in rows]
+
+
+def test_the_engine_reads_the_models_shape(quantized):
+    engine = Engine.from_onnx(quantized[0])
+    assert [layer.heads for layer in engine.layers] == [3, 4] and engine.head_dim == 8 and engine.num_labels == 3
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_logits_match_onnx_runtime_on_the_same_int8_model(quantized, batches, threads):
+    kernels.set_threads(threads)
+    try:
+        figures = agreement(Engine.from_onnx(quantized[0]), session(quantized[0], 1), batches)
+    finally:
+        kernels.set_threads(1)
+    # per-row activation scales where ONNX Runtime has one per tensor: close, not equal
+    assert figures["max_rel_logit_diff"] < 0.05, figures
+    assert figures["agreement"] >= 0.9, figures
+
+
+def test_a_query_gets_the_same_bytes_alone_in_a_batch_and_on_a_rerun(quantized, batches):
+    engine = Engine.from_onnx(quantized[0])
+    ids, mask = batches[0]
+    length = int(mask[1].sum())
+    together = engine.run(ids, mask)[0]
+    alone = engine.run(ids[1:2, :length], mask[1:2, :length])[0]
+    assert together[1].tobytes() == alone[0].tobytes()
+    assert engine.run(ids, mask)[0].tobytes() == together.tobytes()
+    assert Engine.from_onnx(quantized[0]).run(ids, mask)[0].tobytes() == together.tobytes()
+
+
+def test_a_model_it_cannot_run_and_inputs_out_of_range_are_named(quantized, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(quantized[0]))
+    fp32 = Path(quantized[0]).with_name("model.onnx")
+    with pytest.raises(EngineError, match="no INT8 linear"):
+        Engine.from_onnx(fp32)  # the fp32 export: no INT8 weights
+    kept = [t for t in proto.graph.initializer if not t.name.endswith("LayerNorm.weight")]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    with pytest.raises(EngineError, match="LayerNorm"):
+        Engine.from_proto(proto, "broken")
+    engine = Engine.from_onnx(quantized[0])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.run(np.array([[1, 10_000]]), np.ones((1, 2), np.int64))
+    with pytest.raises(ValueError, match="at most 64"):
+        engine.run(np.ones((1, 65), np.int64), np.ones((1, 65), np.int64))
