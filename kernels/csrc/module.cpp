@@ -2,6 +2,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -266,20 +267,14 @@ std::vector<py::ssize_t> out_shape(const py::buffer_info& x, int n) {
 }
 
 // y = dequant(quant(x) @ w) + bias (then GELU): x [..., K] float32 -> [..., N] float32.
-py::array_t<float> linear(const Array<float>& x, const PackedWeights& w, bool gelu) {
-    const py::buffer_info xb = x.request();
-    check_rows(xb, w.k(), "x");
-    const int64_t m = leading_rows(xb);
-    py::array_t<float> y(out_shape(xb, w.n()));
-    float* out = y.mutable_data();
+// The linear on raw rows (the GIL released by the caller): x [rows, K] -> out [rows, N].
+void linear_into(const float* xp, int rows, const PackedWeights& w, bool gelu, float* out) {
     {
-        py::gil_scoped_release release;
         // Reused across calls (no allocation once the widest input was seen). A thread_local named inside a lambda
         // is the running thread's own, so the pool's threads reach the caller's through this reference.
         thread_local Quantized mine;
         Quantized& a = mine;
-        const float* xp = static_cast<const float*>(xb.ptr);
-        const int rows = static_cast<int>(m), threads = pool().threads();
+        const int threads = pool().threads();
         if (threads == 1 || rows * w.packed().panels < 2) {
             quantize_into(xp, rows, w.k(), a);
             gemm(GemmArgs{&a.rows, &w.packed(), out, nullptr, w.n(), gelu});
@@ -313,6 +308,18 @@ py::array_t<float> linear(const Array<float>& x, const PackedWeights& w, bool ge
                 }
             });
         }
+    }
+}
+
+py::array_t<float> linear(const Array<float>& x, const PackedWeights& w, bool gelu) {
+    const py::buffer_info xb = x.request();
+    check_rows(xb, w.k(), "x");
+    const int64_t m = leading_rows(xb);
+    py::array_t<float> y(out_shape(xb, w.n()));
+    float* out = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        linear_into(static_cast<const float*>(xb.ptr), static_cast<int>(m), w, gelu, out);
     }
     return y;
 }
@@ -359,6 +366,29 @@ py::tuple quantize_rows(const Array<float>& x) {
     return py::make_tuple(q, scale, zp);
 }
 
+// LayerNorm(x + residual) of `rows` rows (out may be x or residual: each row is read before it is written).
+void layernorm_into(const float* x, const float* residual, const float* gamma, const float* beta, float eps, int rows,
+                    int width, float* out) {
+    const bool fast = use_avx512();
+    pool().run(rows, [&](int r0, int r1) {
+        if (fast)
+            avx512::add_layernorm(x, residual, gamma, beta, eps, r0, r1, width, out);
+        else
+            portable::add_layernorm(x, residual, gamma, beta, eps, r0, r1, width, out);
+    });
+}
+
+void attention_into(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int batch, int seq,
+                    int heads, int head_dim, float* out, int ldo) {
+    const bool fast = use_avx512();
+    pool().run(batch * heads, [&](int t0, int t1) {
+        if (fast)
+            avx512::attention(q, k, v, ld, mask, seq, heads, head_dim, t0, t1, out, ldo);
+        else
+            portable::attention(q, k, v, ld, mask, seq, heads, head_dim, t0, t1, out, ldo);
+    });
+}
+
 // LayerNorm(x + residual) over the last dimension (residual may be None).
 py::array_t<float> add_layernorm(const Array<float>& x, const py::object& residual, const Array<float>& gamma,
                                  const Array<float>& beta, float eps) {
@@ -381,13 +411,7 @@ py::array_t<float> add_layernorm(const Array<float>& x, const py::object& residu
     const float *g = gamma.data(), *b = beta.data();
     {
         py::gil_scoped_release release;
-        const bool fast = use_avx512();
-        pool().run(static_cast<int>(m), [&](int r0, int r1) {
-            if (fast)
-                avx512::add_layernorm(xp, rp, g, b, eps, r0, r1, width, out);
-            else
-                portable::add_layernorm(xp, rp, g, b, eps, r0, r1, width, out);
-        });
+        layernorm_into(xp, rp, g, b, eps, static_cast<int>(m), width, out);
     }
     return y;
 }
@@ -410,17 +434,142 @@ py::array_t<float> attention(const Array<float>& q, const Array<float>& k, const
     const int64_t* mp = mask.data();
     {
         py::gil_scoped_release release;
-        const bool fast = use_avx512();
-        const int hd = width / heads;
-        pool().run(batch * heads, [&](int t0, int t1) {
-            if (fast)
-                avx512::attention(qp, kp, vp, width, mp, seq, heads, hd, t0, t1, out, width);
-            else
-                portable::attention(qp, kp, vp, width, mp, seq, heads, hd, t0, t1, out, width);
-        });
+        attention_into(qp, kp, vp, width, mp, batch, seq, heads, width / heads, out, width);
     }
     return y;
 }
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// The student's forward pass on the operators above, in one call with the GIL released (engine.py builds it from
+// the quantized ONNX model): embeddings + LayerNorm; per layer Q/K/V in one linear, attention, output projection +
+// residual LayerNorm, GELU feed-forward + residual LayerNorm; masked mean pooling; the head.
+std::vector<float> copy_floats(const Array<float>& a, py::ssize_t size, const std::string& what) {
+    if (a.size() != size)
+        throw std::invalid_argument(what + " must have " + std::to_string(size) + " values, got " +
+                                    std::to_string(a.size()));
+    return std::vector<float>(a.data(), a.data() + size);
+}
+
+class Model {
+  public:
+    Model(const Array<float>& words, const Array<float>& positions, const Array<float>& gamma,
+          const Array<float>& beta, float eps, int head_dim, std::shared_ptr<PackedWeights> head)
+        : eps_(eps), head_dim_(head_dim), head_(std::move(head)) {
+        if (words.ndim() != 2 || positions.ndim() != 2 || positions.shape(1) != words.shape(1))
+            throw std::invalid_argument("words [vocab, width] and positions [max_len, width] must share their width");
+        vocab_ = static_cast<int>(words.shape(0));
+        width_ = static_cast<int>(words.shape(1));
+        max_len_ = static_cast<int>(positions.shape(0));
+        words_ = copy_floats(words, words.size(), "words");
+        positions_ = copy_floats(positions, positions.size(), "positions");
+        gamma_ = copy_floats(gamma, width_, "gamma");
+        beta_ = copy_floats(beta, width_, "beta");
+        if (head_dim < 1) throw std::invalid_argument("head_dim must be positive");
+        if (head_->k() != width_) throw std::invalid_argument("the head must read the model's width");
+    }
+
+    void add_layer(int heads, std::shared_ptr<PackedWeights> qkv, std::shared_ptr<PackedWeights> out,
+                   std::shared_ptr<PackedWeights> ffn1, std::shared_ptr<PackedWeights> ffn2, const Array<float>& g1,
+                   const Array<float>& b1, const Array<float>& g2, const Array<float>& b2) {
+        const int inner = heads * head_dim_;
+        const std::string at = "layer " + std::to_string(layers_.size()) + ": ";
+        if (heads < 1 || qkv->k() != width_ || qkv->n() != 3 * inner)
+            throw std::invalid_argument(at + "qkv must map the width to 3 x heads x head_dim");
+        if (out->k() != inner || out->n() != width_)
+            throw std::invalid_argument(at + "the output projection must map heads x head_dim to the width");
+        if (ffn1->k() != width_ || ffn2->k() != ffn1->n() || ffn2->n() != width_)
+            throw std::invalid_argument(at + "the feed-forward must map the width to a hidden size and back");
+        layers_.push_back(Layer{heads, std::move(qkv), std::move(out), std::move(ffn1), std::move(ffn2),
+                                copy_floats(g1, width_, at + "gamma1"), copy_floats(b1, width_, at + "beta1"),
+                                copy_floats(g2, width_, at + "gamma2"), copy_floats(b2, width_, at + "beta2")});
+    }
+
+    py::tuple run(const Array<int64_t>& ids, const Array<int64_t>& mask) const {
+        if (ids.ndim() != 2 || mask.ndim() != 2 || ids.shape(0) != mask.shape(0) || ids.shape(1) != mask.shape(1))
+            throw std::invalid_argument("input_ids and attention_mask must both be [batch, sequence]");
+        const int batch = static_cast<int>(ids.shape(0)), seq = static_cast<int>(ids.shape(1));
+        if (seq > max_len_)
+            throw std::invalid_argument("input_ids has " + std::to_string(seq) + " tokens; the model reads at most " +
+                                        std::to_string(max_len_));
+        const int64_t* idp = ids.data();
+        for (py::ssize_t i = 0; i < ids.size(); ++i)
+            if (idp[i] < 0 || idp[i] >= vocab_)
+                throw std::invalid_argument("input_ids holds a token id outside the vocabulary [0, " +
+                                            std::to_string(vocab_) + ")");
+        py::array_t<float> logits({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(head_->n())});
+        py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(width_)});
+        float* lp = logits.mutable_data();
+        float* pp = pooled.mutable_data();
+        const int64_t* mp = mask.data();
+        {
+            py::gil_scoped_release release;
+            forward(idp, mp, batch, seq, lp, pp);
+        }
+        return py::make_tuple(logits, pooled);
+    }
+
+  private:
+    struct Layer {
+        int heads;
+        std::shared_ptr<PackedWeights> qkv, out, ffn1, ffn2;
+        std::vector<float> g1, b1, g2, b2;
+    };
+
+    void forward(const int64_t* ids, const int64_t* mask, int batch, int seq, float* logits, float* pooled) const {
+        const int rows = batch * seq, w = width_;
+        thread_local std::vector<float> x, r, qkv, ctx, h;
+        int widest = 0, inner = 0;
+        for (const Layer& l : layers_) {
+            widest = std::max(widest, l.ffn1->n());
+            inner = std::max(inner, l.heads * head_dim_);
+        }
+        x.resize(static_cast<size_t>(rows) * w);
+        r.resize(static_cast<size_t>(rows) * w);
+        qkv.resize(static_cast<size_t>(rows) * 3 * inner);
+        ctx.resize(static_cast<size_t>(rows) * inner);
+        h.resize(static_cast<size_t>(rows) * std::max(widest, w));
+        for (int row = 0; row < rows; ++row) {
+            std::memcpy(x.data() + static_cast<size_t>(row) * w, words_.data() + static_cast<size_t>(ids[row]) * w,
+                        w * sizeof(float));
+            std::memcpy(r.data() + static_cast<size_t>(row) * w,
+                        positions_.data() + static_cast<size_t>(row % seq) * w, w * sizeof(float));
+        }
+        layernorm_into(x.data(), r.data(), gamma_.data(), beta_.data(), eps_, rows, w, x.data());
+        for (const Layer& l : layers_) {
+            const int in = l.heads * head_dim_;
+            linear_into(x.data(), rows, *l.qkv, false, qkv.data());
+            attention_into(qkv.data(), qkv.data() + in, qkv.data() + 2 * in, 3 * in, mask, batch, seq, l.heads,
+                           head_dim_, ctx.data(), in);
+            linear_into(ctx.data(), rows, *l.out, false, r.data());
+            layernorm_into(r.data(), x.data(), l.g1.data(), l.b1.data(), eps_, rows, w, x.data());
+            linear_into(x.data(), rows, *l.ffn1, true, h.data());
+            linear_into(h.data(), rows, *l.ffn2, false, r.data());
+            layernorm_into(r.data(), x.data(), l.g2.data(), l.b2.data(), eps_, rows, w, x.data());
+        }
+        for (int b = 0; b < batch; ++b) {
+            float* y = pooled + static_cast<size_t>(b) * w;
+            std::fill(y, y + w, 0.0f);
+            float count = 0.0f;
+            for (int t = 0; t < seq; ++t) {
+                if (!mask[static_cast<size_t>(b) * seq + t]) continue;
+                const float* xr = x.data() + (static_cast<size_t>(b) * seq + t) * w;
+                for (int i = 0; i < w; ++i) y[i] += xr[i];
+                count += 1.0f;
+            }
+            const float div = std::max(count, 1.0f);
+            for (int i = 0; i < w; ++i) y[i] = y[i] / div;
+        }
+        linear_into(pooled, batch, *head_, false, logits);
+    }
+
+    int vocab_ = 0, width_ = 0, max_len_ = 0;
+    float eps_;
+    int head_dim_;
+    std::vector<float> words_, positions_, gamma_, beta_;
+    std::shared_ptr<PackedWeights> head_;
+    std::vector<Layer> layers_;
+};
 
 // INT8 multiply-adds per second of the AVX-512 VNNI peak loop on every pool thread at once (0 without VNNI).
 double peak_macs_per_second(double seconds) {
@@ -456,12 +605,21 @@ PYBIND11_MODULE(_ops, m) {
     }, py::arg("n"));
     m.def("peak_macs_per_second", &peak_macs_per_second, py::arg("seconds") = 0.2,
           "INT8 multiply-adds per second of a register-only VNNI loop on all pool threads (0 without VNNI)");
-    py::class_<PackedWeights>(m, "PackedWeights")
+    py::class_<PackedWeights, std::shared_ptr<PackedWeights>>(m, "PackedWeights")
         .def(py::init<const Array<int8_t>&, const Array<float>&, const py::object&>(), py::arg("weight"),
              py::arg("scale"), py::arg("bias") = py::none())
         .def_property_readonly("k", &PackedWeights::k)
         .def_property_readonly("n", &PackedWeights::n)
         .def_property_readonly("nbytes", &PackedWeights::nbytes);
+    py::class_<Model>(m, "Model")
+        .def(py::init<const Array<float>&, const Array<float>&, const Array<float>&, const Array<float>&, float, int,
+                      std::shared_ptr<PackedWeights>>(),
+             py::arg("words"), py::arg("positions"), py::arg("gamma"), py::arg("beta"), py::arg("eps"),
+             py::arg("head_dim"), py::arg("head"))
+        .def("add_layer", &Model::add_layer, py::arg("heads"), py::arg("qkv"), py::arg("out"), py::arg("ffn1"),
+             py::arg("ffn2"), py::arg("gamma1"), py::arg("beta1"), py::arg("gamma2"), py::arg("beta2"))
+        .def("run", &Model::run, py::arg("input_ids"), py::arg("attention_mask"),
+             "(logits [batch, labels], pooled [batch, width]) for int64 input_ids and attention_mask [batch, seq]");
     m.def("linear", &linear, py::arg("x"), py::arg("weights"), py::arg("gelu") = false);
     m.def("gemm_s32", &gemm_s32, py::arg("a"), py::arg("weights"));
     m.def("quantize_rows", &quantize_rows, py::arg("x"));

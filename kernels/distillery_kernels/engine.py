@@ -43,9 +43,13 @@ class Engine:
 
     def __init__(self, words: np.ndarray, positions: np.ndarray, norm: tuple[np.ndarray, np.ndarray],
                  layers: list[Layer], head: Any, eps: float, head_dim: int):  # fmt: skip
-        self.words, self.positions, self.norm = words, positions, norm
-        self.layers, self.head, self.eps, self.head_dim = layers, head, eps, head_dim
-        self.num_labels = head.n
+        ops = kernels.require()
+        self.layers, self.head_dim, self.num_labels, self.max_length = layers, head_dim, head.n, len(positions)
+        # the forward pass runs in C++ (one call, the GIL released): between operators Python cost more than
+        # the smaller operators themselves
+        self.model = ops.Model(words, positions, norm[0], norm[1], eps, head_dim, head)
+        for layer in layers:
+            self.model.add_layer(layer.heads, layer.qkv, layer.out, layer.ffn1, layer.ffn2, *layer.norm1, *layer.norm2)
 
     @classmethod
     def from_onnx(cls, path: Path | str) -> Engine:
@@ -81,26 +85,8 @@ class Engine:
         return cls(words, positions, graph.layernorm(norms[0]), layers, head, graph.eps, head_dim)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ops = kernels.ops
-        ids = np.asarray(input_ids, np.int64)
-        mask = np.ascontiguousarray(attention_mask, np.int64)
-        batch, seq = ids.shape
-        if seq > len(self.positions):
-            raise ValueError(f"input_ids has {seq} tokens; the model reads at most {len(self.positions)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.words)):
-            raise ValueError(f"input_ids holds a token id outside the vocabulary [0, {len(self.words)})")
-        x = ops.add_layernorm(self.words[ids], np.broadcast_to(self.positions[:seq], (batch, seq, self.words.shape[1])),
-                              *self.norm, self.eps)  # fmt: skip
-        for layer in self.layers:
-            qkv = ops.linear(x, layer.qkv)
-            width = layer.heads * self.head_dim
-            q, k, v = qkv[..., :width], qkv[..., width : 2 * width], qkv[..., 2 * width :]
-            context = ops.attention(q, k, v, mask, layer.heads)
-            x = ops.add_layernorm(ops.linear(context, layer.out), x, *layer.norm1, self.eps)
-            x = ops.add_layernorm(ops.linear(ops.linear(x, layer.ffn1, True), layer.ffn2), x, *layer.norm2, self.eps)
-        weights = mask[..., None].astype(np.float32)
-        pooled = (x * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), np.float32(1))
-        return ops.linear(pooled.astype(np.float32), self.head), pooled.astype(np.float32)
+        """(logits [B, labels], pooled [B, width]); a ValueError names a token id or a length out of range."""
+        return self.model.run(np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64))
 
 
 class _Graph:
