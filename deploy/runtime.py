@@ -152,8 +152,33 @@ class Classifier:
                 raise RegistryError(f"{self.folder}: a mahalanobis rule needs the pooled output, which the TensorRT "
                                     "runner does not return")  # fmt: skip
             return TrtRunner(path.read_bytes()).run
-        if self.record.backend != "onnxruntime":
+        if self.record.backend == "kernels":
+            sess = self._kernels_session(path)
+        elif self.record.backend != "onnxruntime":
             raise RegistryError(f"{self.folder / 'runtime.json'}: unknown backend {self.record.backend!r}")
+        else:
+            sess = self._ort_session(path)
+        if self.stats is not None:
+            if "pooled" not in {o.name for o in sess.get_outputs()}:
+                raise RegistryError(f"{path}: a mahalanobis rule needs the model's pooled output, and it has none")
+            return lambda feeds: sess.run(["logits", "pooled"], feeds)
+        return lambda feeds: sess.run(["logits"], feeds)[0]
+
+    def _kernels_session(self, path: Path) -> Any:
+        """quantize's INT8 model on distillery's compiled operators (backend `kernels`)."""
+        import distillery_kernels
+
+        if not distillery_kernels.available():
+            raise RegistryError(f"{self.folder}: a version for the compiled operators of kernels/, which are not "
+                                f"built here ({distillery_kernels.unavailable_reason()})")  # fmt: skip
+        from distillery_kernels.engine import EngineError, EngineSession
+
+        try:
+            return EngineSession(path, self.threads)
+        except EngineError as exc:
+            raise RegistryError(f"{path}: {exc}") from exc
+
+    def _ort_session(self, path: Path) -> Any:
         from stages.runtime.sessions import session
 
         providers = self.record.providers or ["CPUExecutionProvider"]
@@ -161,11 +186,7 @@ class Classifier:
         if sess.get_providers()[0] != providers[0]:
             raise RegistryError(f"{self.folder}: runtime.json asks for {providers[0]}, and ONNX Runtime here fell "
                                 f"back to {sess.get_providers()}; serve a CPU version instead")  # fmt: skip
-        if self.stats is not None:
-            if "pooled" not in {o.name for o in sess.get_outputs()}:
-                raise RegistryError(f"{path}: a mahalanobis rule needs the model's pooled output, and it has none")
-            return lambda feeds: sess.run(["logits", "pooled"], feeds)
-        return lambda feeds: sess.run(["logits"], feeds)[0]
+        return sess
 
     def _pad_id(self) -> int:
         """The id of the tokenizer config's pad token (as the transformers tokenizer pads), else [PAD]'s, else 0."""

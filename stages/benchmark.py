@@ -184,6 +184,17 @@ class OrtVariant(Variant):
         return self.sess.run(["pooled"], batch)[0]
 
 
+class KernelsVariant(OrtVariant):
+    """The kernels engine (distillery_kernels.engine) on quantize's INT8 model, through its session adaptor."""
+
+    def __init__(self, name: str, path: Path, tokenizer: Any, rt: RuntimeParams, **kw: Any):
+        from distillery_kernels.engine import EngineSession
+
+        self.name, self.files, self.tokenizer, self.max_length = name, [path], tokenizer, rt.max_length
+        self.precision, self.flops_model, self.device = "int8", kw.get("flops_model"), "cpu"
+        self.sess = EngineSession(path, rt.threads)
+
+
 class TorchVariant(Variant):
     def __init__(self, name: str, folder: Path, rt: RuntimeParams):
         self.name, self.files, self.max_length = name, [folder / "model.safetensors"], rt.max_length
@@ -387,6 +398,12 @@ def engine_variant(name: str, engine: Any, inputs: Inputs, tokenizer: Any, rt: R
     path, kw = engine.model_path(inputs.build, inputs.quantize), {"precision": engine.precision, "flops_model": pruned}
     if engine.backend == "tensorrt":
         return TrtVariant(name, path, tokenizer, rt, engine.precision, pruned)
+    if engine.backend == "kernels":
+        import distillery_kernels
+
+        if not distillery_kernels.available():
+            raise RuntimeError(distillery_kernels.unavailable_reason())
+        return KernelsVariant(name, path, tokenizer, rt, flops_model=pruned)
     if engine.device == "cpu":
         return OrtVariant(name, path, tokenizer, rt, **kw)
     return OrtVariant(name, path, tokenizer, rt, providers=[engine.providers[0], "CPUExecutionProvider"], **kw)
@@ -431,7 +448,8 @@ def memory_probes(variants: list[Variant], inputs: Inputs) -> dict[str, dict[str
             tok_dir = inputs.distill / "teacher" if v.name == "teacher_int8" else inputs.quantize / "tokenizer"
             if v.name == "student_fp32":
                 tok_dir = inputs.train / "student"
-            probes[v.name] = {"kind": "onnx", "path": str(v.files[0]), "tokenizer": str(tok_dir)}
+            kind = "kernels" if isinstance(v, KernelsVariant) else "onnx"
+            probes[v.name] = {"kind": kind, "path": str(v.files[0]), "tokenizer": str(tok_dir)}
     return probes
 
 

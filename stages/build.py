@@ -9,6 +9,13 @@ Each engine is compared with its unfused counterpart from `quantize` on validati
 must stay within `fp32_tolerance` (max |logit difference|), an INT8 engine must agree on at least
 `min_agreement` of the predictions. A miss fails the stage, naming the engine and the difference.
 
+Also on the CPU, `kernels_int8` (`build.kernels`): quantize's INT8 model run by the compiled operators of
+`kernels/` (distillery_kernels.engine, which reads the model's INT8 weights and scales), held to ONNX Runtime
+on the same file: at least `kernels_min_agreement` of the predictions equal and no logit further than
+`kernels_max_logit_share` of the reference's logit range, else the stage fails naming the engine. Where the
+operators were not built (no compiler at install) or cannot read the model, it is recorded as skipped with
+the reason, like a GPU engine without a GPU. Its manifest entry names quantize's file as its `source`.
+
 On GPU hosts (CUDA and TensorRT present), for each route in `build.gpu`:
 - `tensorrt`: TensorRT engines built with its Python API. The ONNX parser's errors are logged one per
   line. An FP16 engine is built from `model.onnx`. An INT8 engine is built from the static QDQ variant
@@ -77,6 +84,9 @@ class BuildParams:
     timing_cache: str = ".cache/tensorrt/timing.cache"  # kept across runs, outside DVC outputs
     require_gpu: bool = False  # true: a GPU engine that is skipped or fails makes the stage fail
     latency_runs: int = 200
+    kernels: bool = True  # build `kernels_int8`: the student on the compiled operators of kernels/
+    kernels_min_agreement: float = 0.995  # its share of predictions equal to ONNX Runtime's on the same INT8 model
+    kernels_max_logit_share: float = 0.05  # its max |logit difference| over the reference's logit range
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpu", tuple(self.gpu))
@@ -86,6 +96,9 @@ class BuildParams:
         for key in ("parity_rows", "max_batch", "max_len", "opt_batch", "opt_len", "workspace_mb", "latency_runs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"build.{key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("kernels_min_agreement", "kernels_max_logit_share"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ParamError(f"build.{key} must be in [0, 1], got {getattr(self, key)!r}")
         if not (self.opt_batch <= self.max_batch and self.opt_len <= self.max_len):
             raise ParamError(
                 f"build.opt_batch/opt_len ({self.opt_batch}, {self.opt_len}) must not exceed "
@@ -187,6 +200,48 @@ class Builder:
                 "unfused_latency_ms": theirs,
                 "speedup_vs_unfused": round(theirs["p50"] / ours["p50"], 3),
             }
+
+    def kernels_engine(self) -> None:
+        """`kernels_int8`: quantize's INT8 model run by the compiled operators (distillery_kernels.engine), held to
+        ONNX Runtime on the same file; skipped with the reason where the operators were not built or cannot read
+        the model (a static QDQ variant, a non-BERT encoder)."""
+        name, source = "kernels_int8", self.quantized / "model.int8.onnx"
+        import distillery_kernels
+
+        if not self.p.kernels:
+            return self.skip(name, "kernels", "int8", "build.kernels is false", asked=False)
+        if not distillery_kernels.available():
+            return self.skip(name, "kernels", "int8", distillery_kernels.unavailable_reason(), asked=False)
+        from distillery_kernels.engine import EngineError, EngineSession
+
+        start = time.perf_counter()
+        try:
+            sess = EngineSession(source, self.rt.threads)
+        except EngineError as exc:
+            return self.skip(name, "kernels", "int8", f"cannot run {source.name}: {exc}", asked=False)
+        seconds = time.perf_counter() - start
+        ref_sess, ref = self.reference(source)
+        logits = ort_logits(sess, self.texts)
+        spread = float(ref.max() - ref.min()) if ref.size else 0.0
+        tolerance = self.p.kernels_max_logit_share * spread
+        parity = self.check(name, logits, source, tolerance, self.p.kernels_min_agreement)
+        parity["max_logit_share"] = round(parity["max_abs_logit_diff"] / spread, 6) if spread else 0.0
+        timed = latency_side_by_side({"ours": sess, "ref": ref_sess}, self.texts, self.p.latency_runs)
+        ours, theirs = timed["ours"], timed["ref"]
+        self.engines[name] = {
+            "status": "built",
+            "backend": "kernels",
+            "device": "cpu",
+            "precision": "int8",
+            "source": source.name,
+            "providers": sess.get_providers(),
+            "size_mb": size_mb(source),
+            "build_seconds": round(seconds, 3),
+            "parity": parity,
+            "latency_ms": ours,
+            "unfused_latency_ms": theirs,
+            "speedup_vs_unfused": round(theirs["p50"] / ours["p50"], 3),
+        }
 
     def skip(self, name: str, backend: str, precision: str, reason: str, asked: bool = True) -> None:
         self.engines[name] = {"status": "skipped", "backend": backend, "precision": precision, "reason": reason}
@@ -339,6 +394,7 @@ def build_engines(
     engine that is skipped or fails."""
     builder = Builder(quantized, folder, texts, p, rt)
     builder.cpu_engines()
+    builder.kernels_engine()
     builder.gpu_engines()
     if builder.failures:
         raise StageError(f"build.require_gpu: {builder.failures[0]}")

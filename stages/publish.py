@@ -10,7 +10,8 @@
    not describe the published bytes would be worse than none.
 3. A version `registry/<model>/<version>/` (`publish.registry`, `publish.model`; the format is
    stages.registry's):
-   - `model.onnx` (or `model.plan` for a TensorRT engine) and `runtime.json` (backend, device, precision,
+   - `model.onnx` (or `model.plan` for a TensorRT engine) and `runtime.json` (backend: onnxruntime, tensorrt,
+     or kernels for quantize's INT8 model run by the compiled operators; device, precision,
      session options);
    - `tokenizer/`, `labels.json` (label name -> logit index);
    - `model_card.md`: intended use, data and its hash, metrics against the baselines, gates, limitations,
@@ -334,6 +335,26 @@ def metrics_table(results: BenchmarkResults, timings: BenchmarkTimings, candidat
 
 def _load_snippet(c: Card) -> list[str]:
     rt = c.runtime
+    if rt.backend == "kernels":
+        return [
+            "The INT8 model run by distillery's compiled operators (`pip install distillery`, built with a C++ "
+            "compiler; ONNX Runtime runs the same file too, within the build's parity bounds):",
+            "```python",
+            "import json, numpy as np",
+            "from tokenizers import Tokenizer",
+            "from distillery_kernels.engine import EngineSession",
+            "",
+            f'folder = "{c.registry}/{c.model}/{c.version}"  # this folder',
+            'tok = Tokenizer.from_file(f"{folder}/tokenizer/tokenizer.json")',
+            f"tok.enable_truncation({c.results.max_length})",
+            'names = {i: n for n, i in json.load(open(f"{folder}/labels.json")).items()}',
+            f'sess = EngineSession(f"{{folder}}/{rt.file}", threads=2)',
+            'enc = tok.encode("where is my order?")',
+            'feeds = {"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask])}',
+            'logits = sess.run(["logits"], feeds)[0][0]',
+            "print(names[int(logits.argmax())])",
+            "```",
+        ]
     if rt.backend != "onnxruntime":
         return [
             f"A TensorRT plan for {rt.device}: deserialize it with `tensorrt.Runtime(...)."

@@ -135,7 +135,7 @@ class Engine(Record):
     """One engine of build's manifest: built (with its file and parity), skipped or failed (with why)."""
 
     status: str  # built | skipped | failed
-    backend: str  # onnxruntime | tensorrt
+    backend: str  # onnxruntime | tensorrt | kernels (distillery_kernels.engine on an INT8 ONNX model)
     precision: str  # fp32 | fp16 | int8
     device: str | None = optional()  # cpu, or "cuda: <GPU name>"
     file: str | None = optional()  # relative to build's output folder

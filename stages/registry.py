@@ -68,7 +68,7 @@ class RuntimeRecord(Record):
 
     variant: str  # benchmark's name of the published variant
     file: str  # model.onnx or model.plan
-    backend: str  # onnxruntime | tensorrt
+    backend: str  # onnxruntime | tensorrt | kernels (distillery_kernels.engine on an INT8 ONNX model)
     device: str
     providers: list[str]
     inputs: list[str]

@@ -197,6 +197,44 @@ class _Graph:
         return np.ascontiguousarray((values.astype(np.int32) - zero).astype(np.float32) * scale, np.float32)
 
 
+class _Port:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class EngineSession:
+    """The engine behind the part of ONNX Runtime's `InferenceSession` the project calls (`run(names, feeds)`,
+    `get_inputs`, `get_outputs`, `get_providers`), so build, benchmark and the server time and serve it as they
+    do a session. `threads` sets the operators' pool for the whole process (as the server and benchmark run
+    one engine at a time)."""
+
+    OUTPUTS = ("logits", "pooled")
+
+    def __init__(self, path: Path | str, threads: int):
+        self.engine = Engine.from_onnx(path)
+        self.threads = threads
+        kernels.set_threads(threads)
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if kernels.ops.threads() != self.threads:
+            kernels.set_threads(self.threads)
+        logits, pooled = self.engine.run(feeds["input_ids"], feeds["attention_mask"])
+        found = {"logits": logits, "pooled": pooled}
+        unknown = [n for n in names or () if n not in found]
+        if unknown:
+            raise ValueError(f"the kernels engine has no output(s) {unknown}; it has {list(self.OUTPUTS)}")
+        return [found[n] for n in names or self.OUTPUTS]
+
+    def get_inputs(self) -> list[_Port]:
+        return [_Port("input_ids"), _Port("attention_mask")]
+
+    def get_outputs(self) -> list[_Port]:
+        return [_Port(n) for n in self.OUTPUTS]
+
+    def get_providers(self) -> list[str]:
+        return [f"distillery_kernels:{kernels.isa()}"]
+
+
 def agreement(engine: Engine, session: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Top-1 agreement and the largest logit difference (absolute, and relative to the logits' range) of the
     engine against an ONNX Runtime session of the same model over `batches`."""
@@ -213,4 +251,4 @@ def agreement(engine: Engine, session: Any, batches: list[tuple[np.ndarray, np.n
             "max_rel_logit_diff": worst / spread if spread else 0.0}  # fmt: skip
 
 
-__all__ = ["Engine", "EngineError", "agreement"]
+__all__ = ["Engine", "EngineError", "EngineSession", "agreement"]

@@ -31,9 +31,14 @@ def _run_onnx(spec: dict[str, Any]) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from stages.runtime.sessions import session
+    if spec["kind"] == "kernels":  # the compiled operators of kernels/ on the same ONNX file
+        from distillery_kernels.engine import EngineSession
 
-    sess = session(Path(spec["path"]), spec["threads"])
+        sess = EngineSession(Path(spec["path"]), spec["threads"])
+    else:
+        from stages.runtime.sessions import session
+
+        sess = session(Path(spec["path"]), spec["threads"])
     tok = Tokenizer.from_file(str(Path(spec["tokenizer"]) / "tokenizer.json"))
     tok.enable_truncation(spec["max_length"])
     tok.enable_padding()
@@ -58,7 +63,7 @@ def _run_torch(spec: dict[str, Any]) -> None:
 
 
 def probe(spec: dict[str, Any]) -> dict[str, float]:
-    """In this (fresh) process: the variant of `spec` (`kind` onnx or torch, `path`, `tokenizer`, `threads`,
+    """In this (fresh) process: the variant of `spec` (`kind` onnx, kernels or torch; `path`, `tokenizer`, `threads`,
     `max_length`, `texts`) run at batch 64; its peak and the peak above the baseline, in MB."""
     if spec["kind"] == "torch":
         import torch
@@ -69,6 +74,11 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
     else:
         import onnxruntime  # noqa: F401
         import tokenizers  # noqa: F401
+
+        if spec["kind"] == "kernels":  # what the engine imports to read the model, before the baseline too
+            import onnx  # noqa: F401
+
+            import distillery_kernels  # noqa: F401
 
         before, run = status_mb("VmRSS"), _run_onnx
     run(spec)

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from stages import build, fingerprint, quantize
 from stages.model.encoder import TokenizedTexts, load_tokenizer
 from stages.records import BuildManifest
+from stages.runner.errors import StageError
 from stages.runtime.settings import RuntimeParams
 from tests.stages.tiny import write_stage_inputs
 
@@ -162,4 +163,32 @@ def test_build_engines_core_on_tiny_inputs(quantized, tmp_path):
     assert isinstance(manifest, BuildManifest) and manifest.machine == "abc"
     assert manifest.engines["onnxruntime_int8"].built and (folder / "onnxruntime_int8.onnx").is_file()
     assert BuildManifest.from_dict(manifest.to_dict()) == manifest  # written and read by the same code
-    assert set(timings["engines"]) == {"onnxruntime_fp32", "onnxruntime_int8"}
+    assert set(timings["engines"]) == {"onnxruntime_fp32", "onnxruntime_int8", "kernels_int8"}
+    kernels = manifest.engines["kernels_int8"]
+    assert kernels.built and kernels.backend == "kernels" and kernels.source == "model.int8.onnx"
+    assert kernels.parity["passed"] and kernels.parity["agreement"] >= p.kernels_min_agreement
+    assert kernels.model_path(folder.parent, q) == q / "model.int8.onnx"
+
+
+def test_the_kernels_engine_is_held_to_onnx_runtime_and_skipped_with_the_reason(quantized, tmp_path, monkeypatch):
+    import distillery_kernels
+
+    q = quantized / "data/07_quantize"
+    texts = TokenizedTexts(load_tokenizer(q / "tokenizer"), ["where is my parcel", "refund my money"], 16)
+    rt = RuntimeParams(max_length=16)
+    exact = build.BuildParams(gpu=(), latency_runs=5, kernels_max_logit_share=0.0)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(StageError, match=r"parity: kernels_int8: max \|logit difference\|"):
+        build.build_engines(q, tmp_path / "a", texts, exact, rt, "abc")
+    (tmp_path / "b").mkdir()
+    off = build.BuildParams(gpu=(), latency_runs=5, kernels=False)
+    manifest, _ = build.build_engines(q, tmp_path / "b", texts, off, rt, "abc")
+    assert (
+        manifest.engines["kernels_int8"].status == "skipped"
+        and "build.kernels" in manifest.engines["kernels_int8"].reason
+    )
+    monkeypatch.setattr(distillery_kernels, "available", lambda: False)
+    monkeypatch.setattr(distillery_kernels, "unavailable_reason", lambda: "no compiler at install")
+    (tmp_path / "c").mkdir()
+    manifest, _ = build.build_engines(q, tmp_path / "c", texts, build.BuildParams(gpu=(), latency_runs=5), rt, "abc")
+    assert manifest.engines["kernels_int8"].reason == "no compiler at install"
