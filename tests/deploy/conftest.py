@@ -23,10 +23,11 @@ MAX_LENGTH = 16
 
 
 def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODEL, bigger: bool = False,
-                 reject: Any = None, stats: Any = None) -> Path:  # fmt: skip
+                 reject: Any = None, stats: Any = None, backend: str = "onnxruntime") -> Path:  # fmt: skip
     """A version as publish writes it: INT8 model.onnx, runtime.json, tokenizer/, labels.json, SHA256SUMS, index.
     `bigger`: 4 layers of width 128 reading 64 tokens (a model slow enough to keep a queue full for a while);
-    `reject`: a RejectRecord written as reject.json (`stats`: its MahalanobisStats, as reject.safetensors)."""
+    `reject`: a RejectRecord written as reject.json (`stats`: its MahalanobisStats, as reject.safetensors);
+    `backend` "kernels": the same INT8 model, for the compiled operators of kernels/ (as publish ships kernels_int8)."""
     import json
     import tempfile
 
@@ -40,9 +41,12 @@ def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODE
         export_onnx(model, tok, fp32, 18)
         quantize_dynamic_int8(fp32, int8, per_channel=True)
         tok.save_pretrained(str(tok_dir))
-        record = RuntimeRecord(variant="onnxruntime_int8", file="model.onnx", backend="onnxruntime", device="cpu",
-                               providers=["CPUExecutionProvider"], inputs=["input_ids", "attention_mask"],
-                               outputs=["logits"], session_options=session_options_record(2),
+        ort = backend == "onnxruntime"
+        record = RuntimeRecord(variant="onnxruntime_int8" if ort else "kernels_int8", file="model.onnx",
+                               backend=backend, device="cpu",
+                               providers=["CPUExecutionProvider"] if ort else ["distillery_kernels:avx512_vnni"],
+                               inputs=["input_ids", "attention_mask"], outputs=["logits"],
+                               session_options=session_options_record(2) if ort else None,
                                max_length=64 if bigger else MAX_LENGTH)  # fmt: skip
         model_dir = registry / model_name
         with locked(model_dir), Draft(model_dir) as draft:

@@ -351,6 +351,24 @@ def test_readiness_is_false_while_the_model_loads_and_warms(registry):
     assert seen and seen[0] == 503 and seen[-1] == 200 and code == 0, seen
 
 
+def test_a_version_for_the_compiled_operators_serves_the_same_answers(registry, texts):
+    """A version whose runtime.json says backend `kernels` (publish's kernels_int8) is served by the kernels
+    engine on its INT8 model: the same labels as ONNX Runtime on the same file, over the v1 route."""
+    from deploy.runtime import load
+
+    publish_tiny(registry, "1.0.0", seed=0, model_name="kernels-intent", backend="kernels")
+    on_ort = load(registry, f"{MODEL}@1.0.0").classify(texts, 1)
+    on_kernels = load(registry, "kernels-intent@1.0.0").classify(texts, 1)
+    assert [p.label for p in on_kernels] == [p.label for p in on_ort]
+    s = Server(registry, spec="kernels-intent").wait_ready()
+    try:
+        r = httpx.post(f"{s.url}/v1/classify", json={"texts": texts}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [p["label"] for p in r.json()["predictions"]] == [p.label for p in on_kernels]
+    finally:
+        assert s.stop()[0] == 0
+
+
 def test_a_version_with_a_rejection_rule_answers_out_of_scope_under_its_threshold(registry, texts):
     """reject.json travels in the version (under SHA256SUMS): texts scoring under its threshold get its label,
     flagged, over /v1/classify and v2; the others get the intent the model without a rule gives."""
