@@ -23,7 +23,7 @@ class ServeParams:
     max_body_bytes: int = 1_000_000  # a bigger body is refused (413) without being read whole
     top_k: int = 3  # labels returned per text when the request does not say
     threads: int | None = None  # inference threads; null: what the version's runtime.json says
-    spinning: bool = False  # ONNX Runtime's idle threads busy-wait for work (steals CPU from the HTTP loop)
+    spinning: bool = False  # idle inference threads (ONNX Runtime's, the kernels pool's) busy-wait: slows the loop
     drain_seconds: float = 30.0  # on SIGTERM: time to answer what is queued and in flight, then exit 0
     shadow_queue: int = 256  # texts waiting for the shadow model; beyond it shadow work is dropped, never the primary's
     shadow_sample: float = 1.0  # share of answered batches the shadow compares (1: all, while the primary is idle)

@@ -85,7 +85,7 @@ class BuildParams:
     require_gpu: bool = False  # true: a GPU engine that is skipped or fails makes the stage fail
     latency_runs: int = 200
     kernels: bool = True  # build `kernels_int8`: the student on the compiled operators of kernels/
-    kernels_min_agreement: float = 0.995  # its share of predictions equal to ONNX Runtime's on the same INT8 model
+    kernels_min_agreement: float = 0.97  # its share of predictions equal to ONNX Runtime's on the same INT8 model
     kernels_max_logit_share: float = 0.05  # its max |logit difference| over the reference's logit range
 
     def __post_init__(self) -> None:

@@ -352,7 +352,8 @@ def _load_snippet(c: Card) -> list[str]:
             'enc = tok.encode("where is my order?")',
             'feeds = {"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask])}',
             'logits = sess.run(["logits"], feeds)[0][0]',
-            "print(names[int(logits.argmax())])",
+            "probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()",
+            'print(names[int(probs.argmax())], f"{probs.max():.3f}")  # the label and its softmax score',
             "```",
         ]
     if rt.backend != "onnxruntime":

@@ -41,6 +41,11 @@ class Pool {
 
     int threads() const { return threads_; }
 
+    // How long idle workers spin for the next job before they sleep: 0 frees their cores at once (a server whose
+    // event loop shares them), at the cost of a wake-up (a futex call) per operator.
+    void set_spinning(bool on) { spin_.store(on ? 20000 : 0, std::memory_order_relaxed); }
+    bool spinning() const { return spin_.load(std::memory_order_relaxed) > 0; }
+
     void resize(int n) {
         std::lock_guard<std::mutex> guard(run_mutex_);
         after_fork();
@@ -90,7 +95,8 @@ class Pool {
     void work(int t, uint64_t seen) {
         for (;;) {
             uint64_t now = seen;
-            for (int spin = 0; spin < kSpin && (now = epoch_.load(std::memory_order_acquire)) == seen; ++spin)
+            const int limit = spin_.load(std::memory_order_relaxed);
+            for (int spin = 0; spin < limit && (now = epoch_.load(std::memory_order_acquire)) == seen; ++spin)
                 DISTILLERY_PAUSE();
             if (now == seen) {
                 epoch_.wait(seen, std::memory_order_acquire);
@@ -105,7 +111,7 @@ class Pool {
         }
     }
 
-    static constexpr int kSpin = 20000;  // ~100-200 us of pause instructions
+    std::atomic<int> spin_{20000};  // pause instructions an idle worker spins before sleeping (~0.4 ms here)
     int threads_ = 1;
     pid_t pid_ = getpid();
     std::vector<std::thread> workers_;
@@ -598,6 +604,9 @@ PYBIND11_MODULE(_ops, m) {
     m.def("set_isa", &set_isa, py::arg("name"), "auto, avx512_vnni or portable");
     m.def("avx512_supported", &avx512::supported);
     m.def("threads", [] { return pool().threads(); });
+    m.def("set_spinning", [](bool on) { pool().set_spinning(on); }, py::arg("on"),
+          "whether idle pool threads spin for the next operator (default) or sleep at once");
+    m.def("spinning", [] { return pool().spinning(); });
     m.def("set_threads", [](int n) {
         if (n < 1 || n > 256) throw std::invalid_argument("threads must be in [1, 256], got " + std::to_string(n));
         py::gil_scoped_release release;

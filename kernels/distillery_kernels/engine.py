@@ -206,14 +206,16 @@ class EngineSession:
     """The engine behind the part of ONNX Runtime's `InferenceSession` the project calls (`run(names, feeds)`,
     `get_inputs`, `get_outputs`, `get_providers`), so build, benchmark and the server time and serve it as they
     do a session. `threads` sets the operators' pool for the whole process (as the server and benchmark run
-    one engine at a time)."""
+    one engine at a time); `spinning=False` lets its idle threads sleep at once, as ONNX Runtime's
+    `session.intra_op.allow_spinning` 0 does (the server's `serve.spinning`)."""
 
     OUTPUTS = ("logits", "pooled")
 
-    def __init__(self, path: Path | str, threads: int):
+    def __init__(self, path: Path | str, threads: int, spinning: bool = True):
         self.engine = Engine.from_onnx(path)
         self.threads = threads
         kernels.set_threads(threads)
+        kernels.ops.set_spinning(spinning)
 
     def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if kernels.ops.threads() != self.threads:

@@ -167,3 +167,19 @@ def test_a_forked_child_gets_threads_of_its_own():
 
 def _linear_in_child(x, w, scale, b):
     return ops.linear(x, ops.PackedWeights(w, scale, b))
+
+
+def test_pool_threads_that_sleep_between_operators_wake_for_each():
+    """With spinning off every operator wakes the sleeping workers (the futex path): 200 calls, each answered."""
+    rng = np.random.default_rng(5)
+    w, scale, b = weights(rng, 96, 80)
+    packed = ops.PackedWeights(w, scale, b)
+    x = rng.standard_normal((9, 96)).astype(np.float32)
+    kernels.set_threads(2)
+    ops.set_spinning(False)
+    try:
+        for _ in range(200):
+            np.testing.assert_array_equal(ops.linear(x, packed), ref.linear(x, w, scale, b))
+    finally:
+        ops.set_spinning(True)
+        kernels.set_threads(1)
