@@ -77,6 +77,14 @@ constexpr int kRowTile = 4;
 
 inline int row_tiles(int m) { return (m + kRowTile - 1) / kRowTile; }
 
+// Attention's key layout, shared by both paths: head `h` of the `seq` keys from row `base` of k (row stride ld),
+// transposed into kt[d][j] with rows of `sp` (seq rounded up to 16; the padding stays 0), so a score sums over d
+// in order for 16 keys at a time.
+inline void transpose_keys(const float* k, int ld, size_t base, int seq, int h, int head_dim, int sp, float* kt) {
+    for (int j = 0; j < seq; ++j)
+        for (int d = 0; d < head_dim; ++d) kt[static_cast<size_t>(d) * sp + j] = k[(base + j) * ld + h * head_dim + d];
+}
+
 // exp(x) for float: x = n ln2 + f (|f| <= ln2 / 2), 2^n exactly, e^f by its degree-6 Taylor polynomial (relative
 // error < 2e-7 over the range); under -86 it is 0 (no subnormal results), which softmax and GELU want.
 inline float exp_approx(float x) {

@@ -113,8 +113,7 @@ void attention(const float* q, const float* k, const float* v, int ld, const int
         const int b = task / heads, h = task % heads;
         const size_t base = static_cast<size_t>(b) * seq;
         const int64_t* m = mask + base;
-        for (int j = 0; j < seq; ++j)
-            for (int d = 0; d < head_dim; ++d) kt[static_cast<size_t>(d) * sp + j] = k[(base + j) * ld + h * head_dim + d];
+        transpose_keys(k, ld, base, seq, h, head_dim, sp, kt.data());
         for (int i = 0; i < seq; ++i) {
             const float* qi = q + (base + i) * ld + h * head_dim;
             for (int j = 0; j < sp; ++j) p[j] = 0.0f;

@@ -53,7 +53,6 @@ class Engine:
 
     @classmethod
     def from_onnx(cls, path: Path | str) -> Engine:
-        kernels.require()
         import onnx
 
         return cls.from_proto(onnx.load(str(path)), str(path))
