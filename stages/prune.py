@@ -16,8 +16,10 @@ faster: metrics.json says so. `heads: 0`, `ffn: 0` and `magnitude: 0` pass the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from stages.model.training import OptimParams, TrainingParams, is_main_process, 
 from stages.runner.cli import read_frames, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError
 from stages.runner.params import from_dict, read_params
+from stages.runner.tracking import EpochTracker
 from stages.storage.atomic import outputs
 
 
@@ -198,9 +201,12 @@ def prune(
     p: PruneParams,
     kd: KdParams,
     engine: tuple[str, str, int],
+    teacher: TextClassifier | None = None,
+    on_epoch: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Prune `student` in place (structured, then recovery with magnitude sparsity on its schedule) and return
-    (what metrics.json records about it, the recovery's timings). `engine` is (name, why, ZeRO stage)."""
+    (what metrics.json records about it, the recovery's timings). `engine` is (name, why, ZeRO stage); the
+    recovery's layer terms (kd.layer_*) need `teacher`; `on_epoch` tracks the recovery's epochs."""
     metrics: dict[str, Any] = {"pruned": True}
     if p.structured:
         metrics["removed"] = remove_units(student, targets, p, kd)
@@ -214,7 +220,18 @@ def prune(
             apply_masks(weights, cosine_sparsity(p.magnitude, step, total))
 
     result = distill_student(
-        student, tokenizer, targets, val, labels, kd, p.optim, (name, zero_stage), on_step, name="prune: recovery"
+        student,
+        tokenizer,
+        targets,
+        val,
+        labels,
+        kd,
+        p.optim,
+        (name, zero_stage),
+        on_step,
+        name="prune: recovery",
+        teacher=teacher,
+        on_epoch=on_epoch,
     )
     if p.magnitude > 0:  # the best epoch may predate the schedule's end: reach the target exactly
         apply_masks(weights, p.magnitude)
@@ -239,33 +256,49 @@ def outcome(before: dict[str, Any], after: dict[str, Any], student: TextClassifi
     }
 
 
+def recover(args: Any, student: TextClassifier, tokenizer: Any, labels: dict[str, int], val: pl.DataFrame,
+            p: PruneParams, kd: KdParams, live: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:  # fmt: skip
+    """`prune` with the stage's inputs read from disk and its recovery tracked into `live` (DVCLive);
+    (None, {}) on DeepSpeed ranks other than 0."""
+    training = read_params(TrainingParams, "training", args.params)
+    train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
+    soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
+    teacher, teacher_tok = None, None
+    if kd.layers:
+        teacher, teacher_tok, _ = load(args.distill / "teacher")
+    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok)
+    engine = (*training.resolve(), training.zero_stage)
+    main_rank = is_main_process()
+    with EpochTracker(live, "prune", args.params) if main_rank else contextlib.nullcontext() as tracker:
+        changes, timings = prune(student, tokenizer, targets, val, labels, p, kd, engine, teacher, tracker)
+    return (changes, timings) if main_rank else (None, {})
+
+
 @stage_entrypoint("prune")
 def main(argv: list[str] | None = None) -> int:
     """`python -m stages.prune --in data/05_train --aug … --distill … --clean … --out data/06_prune`."""
     args = stage_args("prune", __doc__, argv, upstream="train", more=("augment", "distill", "clean"))
     p = read_params(PruneParams, "prune", args.params)
     kd = read_params(KdParams, "kd", args.params)
-    training = read_params(TrainingParams, "training", args.params)
     make_deterministic(p.optim.seed, p.optim.deterministic)
     student, tokenizer, labels = load(args.inp / "student")
     held = read_frames(args.clean, ("val", "test"), upstream="clean")
     before = shape_report(student, tokenizer, held, labels, p.optim.max_length)
     metrics: dict[str, Any] = {"before": before, "flops_seq_len": FLOPS_SEQ_LEN, "pruned": False}
     timings: dict[str, Any] = {}
-    if not p.structured and p.magnitude == 0:
-        metrics["note"] = "prune.heads, prune.ffn and prune.magnitude are 0: student passed through"
-    else:
-        train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
-        soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
-        targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length)
-        engine = (*training.resolve(), training.zero_stage)
-        changes, timings = prune(student, tokenizer, targets, held["val"], labels, p, kd, engine)
-        if not is_main_process():
-            return 0  # other DeepSpeed ranks trained their share; rank 0 writes
-        metrics.update(changes)
-    student.eval()
-    metrics.update(outcome(before, shape_report(student, tokenizer, held, labels, p.optim.max_length), student, p))
-    with outputs() as w:
+    with outputs() as w:  # DVCLive writes its folder epoch by epoch; it lands only if the stage succeeds
+        live = w.directory(args.out / "dvclive")
+        if not p.structured and p.magnitude == 0:
+            metrics["note"] = "prune.heads, prune.ffn and prune.magnitude are 0: student passed through"
+            with EpochTracker(live, "prune", args.params) as tracker:  # epoch 0: the student as it came
+                tracker(0, {"val_accuracy": before["val"]["accuracy"]})
+        else:
+            changes, timings = recover(args, student, tokenizer, labels, held["val"], p, kd, live)
+            if changes is None:
+                return 0  # other DeepSpeed ranks trained their share; rank 0 writes
+            metrics.update(changes)
+        student.eval()
+        metrics.update(outcome(before, shape_report(student, tokenizer, held, labels, p.optim.max_length), student, p))
         save(student, tokenizer, labels, w.directory(args.out / "student"))
         w.json(args.out / "metrics.json", metrics)
         w.json(args.out / "timings.json", timings)

@@ -9,6 +9,7 @@ recovery; the engine is `training:`, shared with distill and prune.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -25,6 +26,7 @@ from stages.model.training import OptimParams, TrainingParams, is_main_process, 
 from stages.runner.cli import read_frames, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError, StageError
 from stages.runner.params import from_dict, read_params
+from stages.runner.tracking import EpochTracker
 from stages.storage.atomic import outputs
 
 
@@ -127,6 +129,7 @@ def build_student(teacher: TextClassifier, kept: list[int] | None, p: TrainParam
         for i, j in enumerate(layers):
             dst.encoder.layer[i].load_state_dict(src.encoder.layer[j].state_dict())
         student.head.load_state_dict(teacher.head.state_dict())
+    student.config.teacher_layers = list(layers)  # in config.json: kd.layer_map's default, and provenance
     return student
 
 
@@ -174,16 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     kept, tokenizer = trim_vocabulary(teacher_tok, train["text"].to_list()) if p.trim_vocab else (None, teacher_tok)
     student = build_student(teacher, kept, p)
     engine, why = training.resolve()
-    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length)
-    result = distill_student(
-        student, tokenizer, targets, held["val"], labels, kd, p.optim, (engine, training.zero_stage)
-    )
-    if not is_main_process():
-        return 0  # other DeepSpeed ranks trained their share; rank 0 writes
-    summary = result.summary()
-    summary["engine"]["chosen_by"] = why
-    metrics = {**report(student, teacher, tokenizer, held, labels, p.optim.max_length), "training": summary}
-    with outputs() as w:
+    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok if kd.layers else None)
+    main_rank = is_main_process()
+    with outputs() as w:  # DVCLive writes its folder epoch by epoch; it lands only if the stage succeeds
+        tracker = EpochTracker(w.directory(args.out / "dvclive"), "train", args.params) if main_rank else None
+        with tracker or contextlib.nullcontext():
+            result = distill_student(
+                student, tokenizer, targets, held["val"], labels, kd, p.optim, (engine, training.zero_stage),
+                teacher=teacher if kd.layers else None, on_epoch=tracker,
+            )  # fmt: skip
+        if not main_rank:
+            return 0  # other DeepSpeed ranks trained their share; rank 0 writes
+        summary = result.summary()
+        summary["engine"]["chosen_by"] = why
+        metrics = {**report(student, teacher, tokenizer, held, labels, p.optim.max_length), "training": summary}
         save(student.eval(), tokenizer, labels, w.directory(args.out / "student"))
         w.json(args.out / "metrics.json", metrics)
         w.text(args.out / "curves.csv", curves_csv(result.curves))

@@ -32,10 +32,33 @@ class TextClassifier(nn.Module):
         return self.encoder.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits, pooled, _ = self.encode(input_ids, attention_mask)
+        return logits, pooled
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False,
+        attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
+        """(logits, pooled, the encoder's output): with `hidden_states` it holds every layer's output
+        (`hidden_states[0]` the embeddings), with `attentions` every layer's attention probabilities (these
+        need eager attention: `set_attention`)."""
+        out = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=hidden_states,
+            output_attentions=attentions,
+        )
+        hidden = out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled), pooled
+        return self.head(pooled), pooled, out
+
+    def set_attention(self, implementation: str) -> str:
+        """Switch the attention implementation (eager returns attention probabilities; sdpa, the default, is
+        faster and does not); returns the one it replaced. Numerically the same function."""
+        before = self.encoder.config._attn_implementation
+        self.encoder.set_attn_implementation(implementation)
+        return before
 
 
 def resolve_teacher(spec: str, allow_download: bool = False) -> str:

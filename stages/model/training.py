@@ -82,16 +82,20 @@ class FitResult:
     rows_per_second: float
     stopped_early: bool
     engine: dict[str, Any]  # which engine ran and how (precision, ZeRO stage, world size, device, determinism)
+    recipe: dict[str, Any] | None = None  # what the loss compared beyond logits (distillation's layer terms)
 
     def summary(self) -> dict[str, Any]:
         """What a stage's metrics.json records about the training run: only figures that are the same on
         every run of the same inputs (curves go to their own file, wall-clock figures to `timings()`)."""
-        return {
+        summary = {
             "best_epoch": self.best_epoch,
             "val_accuracy": self.best_val_accuracy,
             "stopped_early": self.stopped_early,
             "engine": self.engine,
         }
+        if self.recipe is not None:
+            summary["layer_distillation"] = self.recipe
+        return summary
 
     def timings(self) -> dict[str, float]:
         """The run's wall-clock figures, for the stage's timings.json."""
@@ -448,11 +452,14 @@ def fit(
     zero_stage: int = 0,
     device: torch.device | None = None,
     on_step: Callable[[nn.Module, int, int], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train `model` on rows 0..n_rows-1. `step_loss(forward, rows, device)` returns a batch's loss, calling
     `forward(**batch)` for the model; `lengths` (tokens per row) lets batches group rows of similar length;
     `val_accuracy(model)` runs after each epoch on the plain module; `on_step(model, step, total)` after each
-    optimizer step (e.g. to apply pruning masks; torch engine only, DeepSpeed keeps its own weight copies)."""
+    optimizer step (e.g. to apply pruning masks; torch engine only, DeepSpeed keeps its own weight copies);
+    `on_epoch(epoch, {"loss", "lr", "val_accuracy"})` after each epoch on rank 0 (tracking; an exception
+    it raises, such as a search pruning the trial, ends the run)."""
     device = device or default_device()
     mode = make_deterministic(p.seed, p.deterministic)
     rng = np.random.default_rng(p.seed)
@@ -479,6 +486,10 @@ def fit(
             acc = agree(val_accuracy(runner.module))
             run.curves[-1]["val_accuracy"] = round(acc, 6)
             bar.note(best.update(run, epoch, acc))
+            if on_epoch is not None and rank == 0:
+                losses = [row["loss"] for row in run.curves if row["epoch"] == epoch]
+                on_epoch(epoch, {"loss": round(sum(losses) / len(losses), 6), "lr": run.curves[-1]["lr"],
+                                 "val_accuracy": round(acc, 6)})  # fmt: skip
             if best.stale >= p.patience:
                 best.stopped_early = epoch < p.epochs
                 if best.stopped_early:

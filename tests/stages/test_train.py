@@ -209,3 +209,55 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
 
     args = stage_args("train", "doc", ["--local_rank=1", "--out", "x"], upstream=None)
     assert str(args.out) == "x"
+
+
+def layer_gap(student, teacher, tok, small_tok, texts, mapping) -> float:
+    """Mean masked MSE between each student layer's output and its matched teacher layer's."""
+    from stages.model.distillation import masked_mse
+
+    s_batch = small_tok(texts, padding=True, return_tensors="pt")
+    t_batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        s = student.encode(**s_batch, hidden_states=True)[2].hidden_states
+        t = teacher.encode(**t_batch, hidden_states=True)[2].hidden_states
+    mask = t_batch["attention_mask"]
+    return float(np.mean([masked_mse(s[i + 1], t[j + 1], mask).item() for i, j in enumerate(mapping)]))
+
+
+def test_layer_terms_pull_student_layers_toward_the_teachers(fitted_teacher):
+    """Intermediate-layer distillation (hidden-state MSE + attention KL, on a trimmed vocabulary): the
+    student's layer output ends closer to its matched teacher layer than training on logits alone leaves it,
+    the recipe is recorded, and the student's attention implementation is restored afterwards."""
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = TrainParams(layers=1, hidden=32, heads=2, ffn=64, init="scratch", optim=OPTIM)
+    gaps, recipes = {}, {}
+    for name, kd in {"logits": KdParams(), "layers": KdParams(layer_hidden_weight=5.0, layer_attention_weight=1.0,
+                                                             layer_map=[1])}.items():  # fmt: skip
+        kept, small_tok = trim_vocabulary(tok, train["text"].to_list())
+        student = build_student(teacher, kept, p)
+        targets = soft_targets(small_tok, train, soft, LABELS, 16, tok if kd.layers else None)
+        result = distill_student(student, small_tok, targets, val, LABELS, kd, p.optim, teacher=teacher)
+        recipes[name] = result.summary().get("layer_distillation")
+        assert student.config._attn_implementation == teacher.config._attn_implementation == "sdpa"
+        gaps[name] = layer_gap(student, teacher, tok, small_tok, val["text"].to_list(), [1])
+    assert gaps["layers"] < 0.5 * gaps["logits"], gaps
+    assert recipes["logits"] is None
+    assert recipes["layers"] == {"layer_map": [1], "hidden_weight": 5.0, "attention_weight": 1.0,
+                                 "attention_layers": [0]}  # fmt: skip
+
+
+def test_layer_terms_need_the_teacher_and_a_matching_map(fitted_teacher):
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = one_layer()
+    student = build_student(teacher, None, p)
+    assert student.config.teacher_layers == [1]  # the default map, saved in config.json
+    targets = soft_targets(tok, train, soft, LABELS, 16, tok)
+    with pytest.raises(StageError, match="need the teacher"):
+        distill_student(student, tok, targets, val, LABELS, KdParams(layer_hidden_weight=1.0), p.optim)
+    with pytest.raises(ParamError, match="kd.layer_map names 2 teacher layers but the student has 1"):
+        distill_student(student, tok, targets, val, LABELS, KdParams(layer_hidden_weight=1.0, layer_map=[0, 1]),
+                        p.optim, teacher=teacher)  # fmt: skip
+    with pytest.raises(ParamError, match="kd.layer_attention_weight must be a number >= 0"):
+        KdParams(layer_attention_weight=-1)
