@@ -64,6 +64,9 @@ PRUNE_METRICS = "data/06_prune/metrics.json"
 TRAIN_LIVE = "data/05_train/dvclive/metrics.json"
 VAL, TEST = "data/02_clean/val.parquet", "data/02_clean/test.parquet"
 SAMPLERS = ("tpe", "nsga2", "random")
+# max_latency_ms null: the budget is the reference's p50 plus this share, the spread of a model timed against
+# itself (trial 0, the workspace's own model, must not fall outside by noise)
+BUDGET_NOISE = 0.02
 PRUNERS = ("median", "threshold", "none")
 
 
@@ -74,7 +77,7 @@ class SearchParams:
     study: str = "distillery-student"
     storage: str | None = None  # None: SQLite at search/<study>.db
     trials: int = 20
-    max_latency_ms: float = 0.6
+    max_latency_ms: float | None = None  # None: the workspace's INT8 student's latency (no slower than today's)
     target: str = "quantize"
     pruner: str = "median"
     pruner_warmup_epochs: int = 1
@@ -92,8 +95,8 @@ class SearchParams:
             )
         if not isinstance(self.trials, int) or self.trials < 0:
             raise ParamError(f"search.trials must be an integer >= 0, got {self.trials!r}")
-        if not self.max_latency_ms > 0:
-            raise ParamError(f"search.max_latency_ms must be > 0, got {self.max_latency_ms!r}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ParamError(f"search.max_latency_ms must be > 0 or null, got {self.max_latency_ms!r}")
         if self.sampler not in SAMPLERS:
             raise ParamError(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.pruner not in PRUNERS:
@@ -189,9 +192,7 @@ def default_values(space: dict[str, Dimension], doc: dict[str, Any], root: Path)
     for key, dim in space.items():
         value = lookup(doc, key)
         if key == "train.teacher_layers" and value is None:
-            n = teacher_layers(root)
-            k = int(lookup(doc, "train.layers"))
-            value = ",".join(str(round(i * (n - 1) / max(1, k - 1))) for i in range(k))
+            value = ",".join(map(str, evenly_spaced(int(lookup(doc, "train.layers")), teacher_layers(root))))
         elif key == "train.teacher_layers":
             value = ",".join(str(int(x)) for x in value)
         if dim.choices is not None and value not in dim.choices:
@@ -207,10 +208,29 @@ def teacher_layers(root: Path) -> int:
     return 6  # all-MiniLM-L6-v2, the default teacher
 
 
-def set_args(values: dict[str, Any]) -> list[str]:
-    """`-S key=value` arguments (values as YAML, which DVC parses)."""
+def evenly_spaced(layers: int, teacher: int) -> list[int]:
+    """train's default teacher layers for a student of `layers` (teacher_layers: null)."""
+    return [round(i * (teacher - 1) / max(1, layers - 1)) for i in range(layers)]
+
+
+def same_as(doc: dict[str, Any], key: str, value: Any, teacher: int) -> bool:
+    """Whether params.yaml `doc` already has `value` at `key` (teacher_layers null counts as train's default)."""
+    try:
+        current = lookup(doc, key)
+    except ParamError:
+        return False
+    if key == "train.teacher_layers" and current is None:
+        current = evenly_spaced(int(lookup(doc, "train.layers")), teacher)
+    return current == value
+
+
+def set_args(values: dict[str, Any], doc: dict[str, Any] | None = None, teacher: int = 6) -> list[str]:
+    """`-S key=value` arguments (values as YAML, which DVC parses), leaving out what params.yaml `doc` already
+    holds: a trial of the workspace's own params (trial 0) changes nothing, so reruns no stage."""
     args = []
     for key, value in sorted(overrides(values).items()):
+        if doc is not None and same_as(doc, key, value, teacher):
+            continue
         text = yaml.safe_dump(value, default_flow_style=True).strip()
         text = text.removesuffix("\n...").removesuffix("...").strip()
         args += ["-S", f"{key}={text}"]
@@ -231,6 +251,8 @@ class Context:
     space: dict[str, Dimension]
     threads: int
     max_length: int = 64  # runtime.max_length: tokens per text at inference
+    doc: dict[str, Any] = field(default_factory=dict)  # the workspace's params.yaml
+    teacher: int = 6  # the teacher's layer count
     reference: Any = None  # the workspace's INT8 model (bytes, tokenizer folder) for interleaved timing
     reference_ms: float | None = None
     log_dir: Path | None = None
@@ -268,7 +290,7 @@ def run_experiment(ctx: Context, name: str, values: dict[str, Any], companion_id
             "stages": ["train"], "pruner": pruner_spec(ctx.p)}  # fmt: skip
     env = {**os.environ, SEARCH_ENV: json.dumps(spec)}
     copies = [arg for path in copied_folders(ctx.root, ctx.p.target) for arg in ("-C", path)]
-    cmd = dvc_cmd("exp", "run", "--temp", "-n", name, *copies, *set_args(values), ctx.p.target)
+    cmd = dvc_cmd("exp", "run", "--temp", "-n", name, *copies, *set_args(values, ctx.doc, ctx.teacher), ctx.p.target)
     assert ctx.log_dir is not None
     path = ctx.log_dir / f"{name}.log"
     tail: list[str] = []
@@ -402,7 +424,8 @@ def run_trial(ctx: Context, number: int, values: dict[str, Any], companion_id: i
 
     log = get_run_logger()
     name = exp_name(ctx.p.study, number)
-    log.info("trial %d (%s): %s", number, name, " ".join(set_args(values)[1::2]))
+    changed = set_args(values, ctx.doc, ctx.teacher)[1::2]
+    log.info("trial %d (%s): %s", number, name, " ".join(changed) or "the workspace's params")
     code, tail = run_experiment(ctx, name, values, companion_id, log)
     if code != 0:
         companion = optuna.load_study(study_name=f"{ctx.p.study}-epochs", storage=study_storage(ctx.storage_url))
@@ -729,11 +752,21 @@ def search(root: str = ".", trials: int | None = None, study: str | None = None,
     space = {key: Dimension.parse(key, spec) for key, spec in p.space.items()}
     for key in space:
         lookup(doc, key)
-    ctx = Context(base, p, storage_url(base, p), space, threads, max_length, log_dir=base / "search" / p.study / "logs")
+    ctx = Context(base, p, storage_url(base, p), space, threads, max_length, doc, teacher_layers(base),
+                  log_dir=base / "search" / p.study / "logs")  # fmt: skip
     ctx.log_dir.mkdir(parents=True, exist_ok=True)
     main_study, companion = open_studies(ctx)
     if not report_only and p.trials > 0:
         set_reference(ctx, main_study, log)
+    if p.max_latency_ms is None:  # the budget is the reference's latency: no slower than the workspace's student
+        reference_ms = main_study.user_attrs.get("reference_ms")
+        if reference_ms is None:
+            raise ParamError("search.max_latency_ms: null means the workspace's INT8 student's latency, and there is "
+                             f"none to time: run `dvc repro {p.target}` first, or set a budget in ms")  # fmt: skip
+        ctx.p = p = dataclasses.replace(p, max_latency_ms=round(float(reference_ms) * (1 + BUDGET_NOISE), 4))
+        log.info("latency budget: %.4f ms, the workspace's INT8 student's p50 + %.0f%%", p.max_latency_ms,
+                 100 * BUDGET_NOISE)  # fmt: skip
+    if not report_only and p.trials > 0:
         if not main_study.trials:
             main_study.enqueue_trial(default_values(space, doc, base), skip_if_exists=True)
         main_study.optimize(objective(ctx, companion), n_trials=p.trials, catch=(TrialFailed,))

@@ -42,6 +42,10 @@ def test_teacher_layers_set_the_layer_count_and_values_become_dvc_set_params():
     assert overrides(values)["train.layers"] == 3
     assert set_args(values) == ["-S", "augment.per_row=0", "-S", "kd.alpha=0.5", "-S", "train.layers=3",
                                 "-S", "train.teacher_layers=[0, 3, 5]"]  # fmt: skip
+    # what the workspace already holds is left out: teacher_layers null with 2 layers is [0, 5]
+    doc = {"train": {"layers": 2, "teacher_layers": None}, "kd": {"alpha": 0.5}, "augment": {"per_row": 1}}
+    assert set_args({**values, "train.teacher_layers": "0,5"}, doc) == ["-S", "augment.per_row=0"]
+    assert set_args({**values, "train.teacher_layers": "1,5"}, doc)[-2:] == ["-S", "train.teacher_layers=[1, 5]"]
 
 
 def test_the_current_params_are_trial_zero(tmp_path):

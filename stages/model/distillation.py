@@ -7,8 +7,9 @@ terms (TinyBERT / MiniLM style) where student layer i is matched to teacher laye
 `layer_hidden_weight` * MSE between their outputs (per token, through a learned projection per layer when the
 widths differ) and `layer_attention_weight` * KL between their attention distributions (per head and query
 token, on layers whose head counts match). The layer terms need the teacher's hidden states and attention,
-which no file holds: they come from a forward pass of the (frozen) teacher on each batch, measured cheaper
-than storing them (bench/search_recipe.py).
+which no file holds (per token, for every training row, they would take gigabytes on Banking77 and tie
+distill's outputs to train's layer choice): the frozen teacher computes them with a row's first batch and
+they are kept in memory for later epochs (`TeacherStates`).
 """
 
 from __future__ import annotations
@@ -162,8 +163,57 @@ class Distiller(nn.Module):
         return logits, self.project(pooled), layers, out.attentions if attentions else None
 
 
+TEACHER_CACHE_MB = 4096  # teacher states kept for later epochs, at most (Banking77, 2 layers: about 1 GB)
+
+
+class TeacherStates:
+    """The frozen teacher's outputs of the matched layers (and their attention) for rows of the training set.
+
+    A row's states are computed with its first batch and kept (float16, unpadded) up to `TEACHER_CACHE_MB`, so
+    later epochs skip the teacher's forward pass: the layer terms then cost little more than logits alone.
+    Every batch gets the float16-rounded values, computed or kept, so each epoch sees the same targets."""
+
+    def __init__(self, teacher: TextClassifier, hidden: list[int], attention: list[int], budget_mb: int):
+        self.teacher, self.hidden, self.attention = teacher, hidden, attention
+        self.kept: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.budget, self.used = budget_mb * 1_000_000, 0
+
+    def __call__(
+        self, rows: np.ndarray, batch: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(hidden states per matched layer (batch, tokens, width), attention per compared layer (batch, heads,
+        tokens, tokens)), zero where padded."""
+        mask = batch["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        if all(int(r) in self.kept for r in rows):
+            per_row = [self.kept[int(r)] for r in rows]
+            size, first = mask.shape[1], per_row[0]
+            hidden = [torch.zeros(len(rows), size, first[0][k].shape[-1]) for k in range(len(self.hidden))]
+            attention = [torch.zeros(len(rows), first[1][k].shape[0], size, size) for k in range(len(self.attention))]
+            for b, (hs, atts) in enumerate(per_row):
+                n = lengths[b]
+                for k, h in enumerate(hs):
+                    hidden[k][b, :n] = h.float()
+                for k, a in enumerate(atts):
+                    attention[k][b, :, :n, :n] = a.float()
+            return [h.to(mask.device) for h in hidden], [a.to(mask.device) for a in attention]
+        with torch.no_grad():
+            _, _, out = self.teacher.encode(**batch, hidden_states=True, attentions=bool(self.attention))
+        hidden = [out.hidden_states[j + 1].half() for j in self.hidden]
+        attention = [out.attentions[j].half() for j in self.attention]
+        for b, r in enumerate(rows):
+            n = lengths[b]
+            if int(r) in self.kept or self.used >= self.budget:
+                continue
+            states = ([h[b, :n].cpu().clone() for h in hidden], [a[b, :, :n, :n].cpu().clone() for a in attention])
+            self.kept[int(r)] = states
+            self.used += sum(t.numel() * 2 for group in states for t in group)
+        return [h.float() for h in hidden], [a.float() for a in attention]
+
+
 class LayerTerms:
-    """The intermediate-layer loss of one batch: runs the frozen teacher, compares matched layers."""
+    """The intermediate-layer loss of one batch: the frozen teacher's states (`TeacherStates`) against the
+    student's matched layers."""
 
     def __init__(self, student: TextClassifier, teacher: TextClassifier, kd: KdParams):
         self.kd, self.teacher = kd, teacher.eval()
@@ -175,6 +225,12 @@ class LayerTerms:
         self.attentions = kd.layer_attention_weight > 0 and bool(self.attention_layers)
         for p in teacher.parameters():
             p.requires_grad_(False)
+        self.states = TeacherStates(
+            teacher,
+            list(self.map) if kd.layer_hidden_weight > 0 else [],
+            [self.map[i] for i in self.attention_layers] if self.attentions else [],
+            TEACHER_CACHE_MB,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -184,20 +240,19 @@ class LayerTerms:
             "attention_layers": self.attention_layers if self.attentions else [],
         }
 
-    def __call__(self, layers: Any, attentions: Any, teacher_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The layer terms, from the student's projected layer outputs and attention (`Distiller.forward`)."""
-        with torch.no_grad():
-            _, _, t_out = self.teacher.encode(**teacher_batch, hidden_states=True, attentions=self.attentions)
+    def __call__(self, layers: Any, attentions: Any, rows: np.ndarray, teacher_batch: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:  # fmt: skip
+        """The layer terms of training rows `rows`, from the student's projected layer outputs and attention
+        (`Distiller.forward`)."""
+        t_hidden, t_attention = self.states(rows, teacher_batch)
         mask = teacher_batch["attention_mask"]
         loss = torch.zeros((), device=mask.device)
         if self.kd.layer_hidden_weight > 0:
-            terms = [masked_mse(layers[i].float(), t_out.hidden_states[j + 1].float(), mask)
-                     for i, j in enumerate(self.map)]  # fmt: skip
+            terms = [masked_mse(layers[i].float(), t_hidden[i], mask) for i in range(len(self.map))]
             loss = loss + self.kd.layer_hidden_weight * torch.stack(terms).mean()
         if self.attentions:
             terms = [
-                attention_kl(attentions[i].float(), t_out.attentions[self.map[i]].float(), mask)
-                for i in self.attention_layers
+                attention_kl(attentions[i].float(), t_attention[k], mask) for k, i in enumerate(self.attention_layers)
             ]
             loss = loss + self.kd.layer_attention_weight * torch.stack(terms).mean()
         return loss
@@ -219,7 +274,7 @@ def batch_loss(targets: SoftTargets, kd: KdParams, terms: LayerTerms | None, nam
             teacher_batch = targets.teacher_texts.batch(rows, device)
             if teacher_batch["attention_mask"].shape != batch["attention_mask"].shape:
                 raise StageError(f"{name}: the teacher's tokens of a batch differ from the student's in length")
-            loss = loss + terms(layers, attentions, teacher_batch)
+            loss = loss + terms(layers, attentions, rows, teacher_batch)
         return loss
 
     return step_loss

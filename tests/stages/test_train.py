@@ -261,3 +261,29 @@ def test_layer_terms_need_the_teacher_and_a_matching_map(fitted_teacher):
                         p.optim, teacher=teacher)  # fmt: skip
     with pytest.raises(ParamError, match="kd.layer_attention_weight must be a number >= 0"):
         KdParams(layer_attention_weight=-1)
+
+
+def test_teacher_states_are_kept_for_later_epochs_and_match_the_computed_ones(fitted_teacher):
+    from stages.model.distillation import TeacherStates
+
+    teacher, tok, train, _ = fitted_teacher
+    texts = soft_targets(tok, train, soft_labels(teacher, tok, train, 16), LABELS, 16, tok).teacher_texts
+    teacher.set_attention("eager")
+    try:
+        states = TeacherStates(teacher, hidden=[1], attention=[0], budget_mb=64)
+        first = np.array([0, 1, 2, 3])
+        computed = states(first, texts.batch(first))
+        assert sorted(states.kept) == [0, 1, 2, 3] and states.used > 0
+        # the same rows in another batch (other padding): taken from memory, equal on the real tokens
+        again = np.array([3, 0, 1, 2])
+        kept = states(again, texts.batch(again))
+        lengths = texts.batch(first)["attention_mask"].sum(1)
+        for b, row in enumerate(again):
+            n = int(lengths[row])
+            assert torch.equal(kept[0][0][b, :n], computed[0][0][row, :n])
+            assert torch.equal(kept[1][0][b, :, :n, :n], computed[1][0][row, :, :n, :n])
+        none = TeacherStates(teacher, hidden=[1], attention=[], budget_mb=0)
+        none(first, texts.batch(first))
+        assert none.kept == {}
+    finally:
+        teacher.set_attention("sdpa")
