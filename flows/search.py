@@ -311,25 +311,14 @@ def run_experiment(ctx: Context, name: str, values: dict[str, Any], companion_id
 
 
 def exp_rev(root: Path, name: str) -> str:
-    """The commit of experiment `name`."""
-    out = subprocess.run(dvc_cmd("exp", "list", "--all-commits", "--sha", "--json"), cwd=root, capture_output=True,
-                         text=True)  # fmt: skip
-    if out.returncode == 0:
-        try:
-            for exps in json.loads(out.stdout).values():
-                for exp in exps:
-                    if exp.get("name") == name and exp.get("rev"):
-                        return exp["rev"]
-        except (json.JSONDecodeError, AttributeError):
-            pass
+    """The commit of experiment `name` (its ref under refs/exps)."""
     from dvc.repo import Repo
+    from dvc.repo.experiments.utils import resolve_name
 
     with Repo(str(root)) as repo:
-        from dvc.repo.experiments.utils import resolve_name
-
         ref = resolve_name(repo.scm, name)[name]
         if ref is None:
-            raise RuntimeError(f"experiment {name} not found after it ran (dvc exp list shows it?)")
+            raise TrialFailed(f"experiment {name} ran but `dvc exp list` does not show it")
         return repo.scm.get_ref(str(ref))
 
 
@@ -563,6 +552,7 @@ def table_rows(study: Any, p: SearchParams) -> list[dict[str, Any]]:
             "feasible": a.get("latency_ms") is not None and a["latency_ms"] <= p.max_latency_ms,
             "params": dict(sorted(t.params.items())),
             "error": a.get("error"),
+            "minutes": round(t.duration.total_seconds() / 60, 1) if t.duration else None,
         }
         rows.append(row)
     front = front_numbers(rows)
@@ -609,7 +599,8 @@ def test_once(ctx: Context, study: Any, chosen: dict[str, Any], log: Any) -> dic
 def markdown(rows: list[dict[str, Any]], p: SearchParams, chosen: dict[str, Any] | None,
              test: dict[str, Any] | None) -> str:  # fmt: skip
     keys = sorted({k for r in rows for k in r["params"]})
-    head = ["#", "state", "val acc", "latency ms", "MB", "pruned (structure)", "stopped at epoch", "front", *keys]
+    head = ["#", "state", "val acc", "latency ms", "MB", "pruned (structure)", "stopped at epoch", "front", "min",
+            *keys]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
 
@@ -620,11 +611,14 @@ def markdown(rows: list[dict[str, Any]], p: SearchParams, chosen: dict[str, Any]
         state = r["state"] if r["feasible"] or r["state"] != "COMPLETE" else "over budget"
         cells = [str(r["number"]), state, num(r["val_accuracy"], ".4f"), num(r["latency_ms"], ".3f"),
                  num(r["size_mb"], ".2f"), "" if r["structurally_pruned"] is None else str(r["structurally_pruned"]),
-                 num(r["pruned_at_epoch"], "d"), mark, *(str(r["params"].get(k, "")) for k in keys)]  # fmt: skip
+                 num(r["pruned_at_epoch"], "d"), mark, num(r["minutes"], ".1f"),
+                 *(str(r["params"].get(k, "")) for k in keys)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    minutes = sum(r["minutes"] or 0 for r in rows)
     summary = (f"{len(rows)} trials: {states['COMPLETE']} complete, {states['PRUNED']} pruned by Optuna, "
-               f"{states['FAIL']} failed, {states['RUNNING']} running; budget {p.max_latency_ms} ms")  # fmt: skip
+               f"{states['FAIL']} failed, {states['RUNNING']} running; budget {p.max_latency_ms} ms; "
+               f"{minutes:.0f} minutes of trials")  # fmt: skip
     if chosen:
         summary += (f"\n\nChosen (most accurate within the budget on validation): trial {chosen['number']} "
                     f"(`dvc exp apply {chosen['exp']}`), val {chosen['val_accuracy']:.4f}, "
@@ -638,7 +632,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = sorted({k for r in rows for k in r["params"]})
     buf = io.StringIO()
     fields = ["number", "state", "exp", "val_accuracy", "latency_ms", "size_mb", "structurally_pruned",
-              "pruned_at_epoch", "feasible", "on_front", *keys, "error"]  # fmt: skip
+              "pruned_at_epoch", "feasible", "on_front", "minutes", *keys, "error"]  # fmt: skip
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
