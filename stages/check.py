@@ -2,9 +2,10 @@
 
 A stage validates its own sections when it starts; a mistake in `publish.gates` would then surface only after
 half an hour of training. This check builds every section through the class its stage reads it with (the
-`read_params(Class, "section", ...)` calls of each stage module listed in dvc.yaml), plus the `lineage`
-settings, and reports every error at once, each naming `section.key`, with a did-you-mean for an unknown key
-or section. `python -m flows.pipeline` runs it as its first task. Exit 0: all valid; 1: errors, listed.
+`read_params(Class, "section", ...)` calls of each stage module listed in dvc.yaml), plus the sections no
+stage reads (`lineage`, `serve`, `tracking`, `search`), and reports every error at once, each naming
+`section.key`, with a did-you-mean for an unknown key or section. `python -m flows.pipeline` runs it as its
+first task. Exit 0: all valid; 1: errors, listed.
 
 It sits above the stages, as the flow does: it imports every stage module (and so torch), which no stage
 and no library module may do.
@@ -23,13 +24,16 @@ from typing import Any
 import yaml
 
 from deploy.settings import ServeParams  # light: a dataclass (the server itself needs the serve extra)
+from flows.search import SearchParams  # noqa: E402  (the flow's params; check sits above the stages, as flows do)
 from stages.runner.errors import ParamError
 from stages.runner.openlineage import LineageParams
 from stages.runner.params import from_dict
+from stages.runner.tracking import TrackingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 READS = re.compile(r'read_params\(\s*(\w+),\s*"(\w+)"')
-NOT_STAGES = {"lineage": LineageParams, "serve": ServeParams}  # sections read outside any stage
+# sections read outside any stage: run events, the server, per-epoch tracking, the student search
+NOT_STAGES = {"lineage": LineageParams, "serve": ServeParams, "tracking": TrackingParams, "search": SearchParams}
 OTHER_SECTIONS = ("flow",)  # read by flows/pipeline.py (retries), checked there
 
 

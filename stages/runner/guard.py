@@ -139,9 +139,13 @@ class RunGuard:
     def sweep(self, outs: list[str]) -> None:
         for out in outs:
             target = self.root / out
-            for path in leftovers(target.parent, target.name):
-                remove(path)
-                self.removed.append(path.relative_to(self.root).as_posix())
+            # the output and each folder above it in the project (data/05_train/dvclive/metrics.json is written
+            # with its folder, staged as data/05_train/.dvclive.*.tmp)
+            for level in [target, *target.relative_to(self.root).parents[:-1]]:
+                level = self.root / level
+                for path in leftovers(level.parent, level.name):
+                    remove(path)
+                    self.removed.append(path.relative_to(self.root).as_posix())
             if target.is_dir() and not target.is_symlink():  # a file output inside a folder output
                 for path in target.rglob(".*.tmp"):
                     remove(path)

@@ -114,14 +114,25 @@ def search_trial(stage: str) -> _SearchTrial | None:
     return _SearchTrial(spec) if stage in spec.get("stages", ["train"]) else None
 
 
+def _live(folder: Path) -> Any:
+    """A DVCLive logger without DVCLive's DVC integration: the stage runs under `dvc repro` or `dvc exp run`,
+    which record the run themselves; DVCLive's own would open the repository at start (and fails in a git
+    repository without a commit yet, as a fresh `git init` is)."""
+    from dvclive import Live
+
+    class LocalLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = "dvc.yaml"  # never written: dvcyaml=None
+
+    return LocalLive(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
 class EpochTracker:
     """`on_epoch` for `fit`: logs each epoch's loss, validation accuracy and learning rate."""
 
     def __init__(self, folder: Path, stage: str, params_file: str | Path = "params.yaml",
                  params: dict[str, Any] | None = None):  # fmt: skip
-        from dvclive import Live
-
-        self.live = Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = _live(folder)
         self.trial = search_trial(stage)
         self.mlflow = None
         settings = read_tracking(params_file)
