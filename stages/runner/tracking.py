@@ -130,14 +130,13 @@ def _live(folder: Path) -> Any:
 class EpochTracker:
     """`on_epoch` for `fit`: logs each epoch's loss, validation accuracy and learning rate."""
 
-    def __init__(self, folder: Path, stage: str, params_file: str | Path = "params.yaml",
-                 params: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(self, folder: Path, stage: str, params_file: str | Path = "params.yaml"):
         self.live = _live(folder)
         self.trial = search_trial(stage)
         self.mlflow = None
         settings = read_tracking(params_file)
         if settings.mlflow_uri:
-            self.mlflow = _start_mlflow(settings, stage, params or {})
+            self.mlflow = _start_mlflow(settings, stage)
 
     def __call__(self, epoch: int, record: dict[str, float]) -> None:
         self.live.step = epoch
@@ -161,7 +160,7 @@ class EpochTracker:
         self.close(failed=kind is not None)
 
 
-def _start_mlflow(settings: TrackingParams, stage: str, params: dict[str, Any]) -> Any:
+def _start_mlflow(settings: TrackingParams, stage: str) -> Any:
     try:
         import mlflow
     except ImportError as exc:
@@ -169,16 +168,4 @@ def _start_mlflow(settings: TrackingParams, stage: str, params: dict[str, Any]) 
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
     mlflow.start_run(run_name=stage, tags={"distillery.stage": stage})
-    flat = {k: v for k, v in _flatten(params).items() if v is not None}
-    if flat:
-        mlflow.log_params(flat)
     return mlflow
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj}
