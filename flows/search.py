@@ -62,6 +62,7 @@ TOKENIZER = "data/07_quantize/tokenizer"
 QUANTIZE_METRICS = "data/07_quantize/metrics.json"
 PRUNE_METRICS = "data/06_prune/metrics.json"
 TRAIN_LIVE = "data/05_train/dvclive/metrics.json"
+TRAIN_CURVE = "data/05_train/dvclive/plots/metrics/val_accuracy.tsv"
 VAL, TEST = "data/02_clean/val.parquet", "data/02_clean/test.parquet"
 SAMPLERS = ("tpe", "nsga2", "random")
 # max_latency_ms null: the budget is the reference's p50 plus this share, the spread of a model timed against
@@ -153,7 +154,9 @@ class Dimension:
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.is_int:
             return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1)
-        return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        value = trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        # on a step grid Optuna's value carries float noise (0.30000000000000004): params.yaml gets the grid's 0.3
+        return round(value, 12) if self.step else value
 
 
 def read_search(params_file: Path) -> tuple[SearchParams, dict[str, Any]]:
@@ -294,7 +297,7 @@ def run_experiment(ctx: Context, name: str, values: dict[str, Any], companion_id
     assert ctx.log_dir is not None
     path = ctx.log_dir / f"{name}.log"
     tail: list[str] = []
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(path, "w", encoding="utf-8", buffering=1) as fh:  # line-buffered: `tail -f` follows the trial
         proc = subprocess.Popen(cmd, cwd=ctx.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)  # fmt: skip
         assert proc.stdout is not None
@@ -322,19 +325,15 @@ def exp_rev(root: Path, name: str) -> str:
         return repo.scm.get_ref(str(ref))
 
 
-def read_exp(root: Path, rev: str, path: str, mode: str = "r") -> Any:
-    import dvc.api
-
-    return dvc.api.read(path, repo=str(root), rev=rev, mode=mode)
-
-
-def materialize(root: Path, rev: str | None, into: Path) -> tuple[bytes, Path]:
-    """(INT8 model bytes, tokenizer folder) of experiment `rev` (None: the workspace)."""
-    if rev is None:
-        return (root / INT8).read_bytes(), root / TOKENIZER
+def exp_files(root: Path, rev: str) -> Any:
+    """Experiment `rev`'s files (git-tracked and DVC-tracked), one repository opened for all reads."""
     from dvc.api import DVCFileSystem
 
-    fs = DVCFileSystem(str(root), rev=rev)
+    return DVCFileSystem(str(root), rev=rev)
+
+
+def materialize(fs: Any, into: Path) -> tuple[bytes, Path]:
+    """(INT8 model bytes, tokenizer folder in `into`) of an experiment's files (`exp_files`)."""
     folder = into / "tokenizer"
     fs.get(TOKENIZER, str(folder), recursive=True)
     with fs.open(INT8, "rb") as fh:
@@ -390,12 +389,10 @@ def timed(ctx: Context, model: bytes, tokenizer: Path) -> tuple[float, float | N
     return round(ratios["trial"] * ctx.reference_ms, 4), round(ratios["trial"], 4)
 
 
-def trial_record(ctx: Context, rev: str) -> dict[str, Any]:
-    """Validation accuracy, size and pruning of a finished trial, from its experiment's files."""
-    quant = json.loads(read_exp(ctx.root, rev, QUANTIZE_METRICS))
+def trial_record(fs: Any) -> dict[str, Any]:
+    """Validation accuracy, size and pruning of a finished trial, from its experiment's files (`exp_files`)."""
+    quant, prune, live = (json.loads(fs.read_text(path)) for path in (QUANTIZE_METRICS, PRUNE_METRICS, TRAIN_LIVE))
     chosen = quant["frontier"][quant["chosen"]]
-    prune = json.loads(read_exp(ctx.root, rev, PRUNE_METRICS))
-    live = json.loads(read_exp(ctx.root, rev, TRAIN_LIVE))
     return {
         "val_accuracy": chosen["accuracy"],
         "size_mb": chosen["size_mb"],
@@ -403,7 +400,14 @@ def trial_record(ctx: Context, rev: str) -> dict[str, Any]:
         "structurally_pruned": bool(prune.get("pruned")),
         "flops_per_token": prune["after"]["flops_per_token"],
         "train_epochs_run": int(live.get("step", 0)),
+        "epoch_curve": epoch_curve(fs.read_text(TRAIN_CURVE)) if fs.exists(TRAIN_CURVE) else [],
     }
+
+
+def epoch_curve(tsv: str) -> list[list[float]]:
+    """[[epoch, val accuracy], ...] from DVCLive's step plot (`step<TAB>val_accuracy` rows)."""
+    rows = [line.split("\t") for line in tsv.splitlines()[1:] if line.strip()]
+    return [[int(step), float(value)] for step, value in rows]
 
 
 @task(cache_policy=NO_CACHE)
@@ -423,9 +427,10 @@ def run_trial(ctx: Context, number: int, values: dict[str, Any], companion_id: i
             return {"pruned_at": attrs["pruned_at_epoch"], "name": name}
         return {"failed": tail.splitlines()[-1] if tail else f"exit code {code}", "name": name}
     rev = exp_rev(ctx.root, name)
-    record = {"name": name, "rev": rev, **trial_record(ctx, rev)}
+    fs = exp_files(ctx.root, rev)
+    record = {"name": name, "rev": rev, **trial_record(fs)}
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = materialize(ctx.root, rev, Path(tmp))
+        model, tokenizer = materialize(fs, Path(tmp))
         record["latency_ms"], record["latency_vs_reference"] = timed(ctx, model, tokenizer)
     log.info("trial %d: val accuracy %.4f, %.3f ms, %.2f MB", number, record["val_accuracy"], record["latency_ms"],
              record["size_mb"])  # fmt: skip
@@ -482,6 +487,11 @@ def objective(ctx: Context, companion: Any) -> Any:
             companion.tell(epochs, state=optuna.trial.TrialState.FAIL)
             trial.set_user_attr("error", result["failed"][-500:])
             raise TrialFailed(result["failed"])
+        if not companion._storage.get_trial(epochs._trial_id).intermediate_values:
+            # train did not run in this experiment (trial 0, or a run-cache hit): its epochs are the kept run's,
+            # so the median pruner has them from the start
+            for step, accuracy in result["epoch_curve"]:
+                epochs.report(accuracy, step)
         companion.tell(epochs, result["val_accuracy"])
         for key, value in result.items():
             trial.set_user_attr(key, value)
@@ -501,7 +511,7 @@ def set_reference(ctx: Context, study: Any, log: Any) -> None:
     if not (ctx.root / INT8).is_file() or not (ctx.root / TOKENIZER).is_dir():
         log.warning("no %s in the workspace (run `dvc repro quantize`): trials are timed alone", INT8)
         return
-    model, tokenizer = materialize(ctx.root, None, ctx.root)
+    model, tokenizer = (ctx.root / INT8).read_bytes(), ctx.root / TOKENIZER
     ctx.reference = (model, tokenizer)
     digest = hashlib.sha256(model).hexdigest()
     attrs = study.user_attrs
@@ -580,10 +590,11 @@ def test_once(ctx: Context, study: Any, chosen: dict[str, Any], log: Any) -> dic
     from stages.runtime.sessions import session
 
     rev = study.trials[chosen["number"]].user_attrs["rev"]
+    fs = exp_files(ctx.root, rev)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = materialize(ctx.root, rev, Path(tmp))
+        model, tokenizer = materialize(fs, Path(tmp))
         labels = json.loads((tokenizer / "labels.json").read_text(encoding="utf-8"))
-        test = pl.read_parquet(_io.BytesIO(read_exp(ctx.root, rev, TEST, mode="rb")))
+        test = pl.read_parquet(_io.BytesIO(fs.read_bytes(TEST)))
         sess, tok, texts = session(model, ctx.threads), text_encoder(tokenizer, ctx.max_length), test["text"].to_list()
         logits = np.concatenate([sess.run(["logits"], encoded(tok, texts[i : i + 64]))[0]
                                  for i in range(0, len(texts), 64)])  # fmt: skip
@@ -594,6 +605,11 @@ def test_once(ctx: Context, study: Any, chosen: dict[str, Any], log: Any) -> dic
     log.info("chosen trial %d (%s): test accuracy %.4f (scored once)", chosen["number"], chosen["exp"],
              result["accuracy"])  # fmt: skip
     return result
+
+
+def cell(value: Any) -> str:
+    """A parameter as the table shows it: floats to 4 significant digits (0.30000000000000004 -> 0.3)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def markdown(rows: list[dict[str, Any]], p: SearchParams, chosen: dict[str, Any] | None,
@@ -612,7 +628,7 @@ def markdown(rows: list[dict[str, Any]], p: SearchParams, chosen: dict[str, Any]
         cells = [str(r["number"]), state, num(r["val_accuracy"], ".4f"), num(r["latency_ms"], ".3f"),
                  num(r["size_mb"], ".2f"), "" if r["structurally_pruned"] is None else str(r["structurally_pruned"]),
                  num(r["pruned_at_epoch"], "d"), mark, num(r["minutes"], ".1f"),
-                 *(str(r["params"].get(k, "")) for k in keys)]  # fmt: skip
+                 *(cell(r["params"].get(k, "")) for k in keys)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     minutes = sum(r["minutes"] or 0 for r in rows)

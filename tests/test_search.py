@@ -154,14 +154,17 @@ def test_a_study_of_dvc_experiments_resumes_with_two_workers(tmp_path, prefect_h
     assert [w.returncode for w in workers] == [0, 0], "\n".join(x[-3000:] for x in logs)
     import optuna
 
-    study = optuna.load_study(
-        study_name="distillery-student", storage=f"sqlite:///{out.parent / 'distillery-student.db'}"
-    )
+    db = f"sqlite:///{out.parent / 'distillery-student.db'}"
+    study = optuna.load_study(study_name="distillery-student", storage=db)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3, 4]
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert {"distillery-student-t003", "distillery-student-t004"} <= set(exp_names(root))
     # the first three trials are as they were: values, and the test score taken once
     assert [t.values for t in study.trials[:3]] == [[r["val_accuracy"], r["latency_ms"]] for r in first["rows"]]
+    # trial 0 ran no stage: its epochs, taken from the workspace's DVCLive plot, are in the pruner's study
+    epochs = optuna.load_study(study_name="distillery-student-epochs", storage=db).trials
+    curve = (root / "data/05_train/dvclive/plots/metrics/val_accuracy.tsv").read_text().splitlines()[1:]
+    assert epochs[0].intermediate_values == {int(s): float(v) for s, v in (line.split("\t") for line in curve)}
 
     # a pruner that stops every trial after its first epoch: the trial is PRUNED, train wrote nothing
     p = yaml.safe_load((root / "params.yaml").read_text())
