@@ -1,6 +1,6 @@
 """The compiled operators (kernels/) against ONNX Runtime's at the student's shapes, on 1 and 2 threads.
 
-    python bench/kernels.py [--runs 2000] [--tokens 13] [--batch 32] [--run DIR] [--json FILE]
+    python bench/kernels.py [--runs 2000] [--tokens 13] [--batch 32] [--run DIR] [--json FILE] [--sparse-only]
 
 One table per batch (1 query of `--tokens` tokens, the Banking77 test median; and `--batch` such queries): each
 operator of a transformer layer (hidden 384, 12 heads of 32, feed-forward 1536), ours against the ONNX Runtime
@@ -10,6 +10,9 @@ kernel that does the same work in the project's sessions:
   feed-forward) against DynamicQuantizeMatMul (+ Add for the bias, + Gelu);
 - residual add + LayerNorm against Add + LayerNormalization and against SkipLayerNormalization;
 - attention over q, k, v against MultiHeadAttention.
+
+Then the block-sparse INT8 linear against the dense one at the feed-forward's shapes, per block shape
+(block_k x block_n) and share of zero blocks (50-90%), on 1 and 2 threads (`--sparse-only`: just this table).
 
 With `--run DIR` (a project folder whose `quantize` and `build` stages ran, e.g. a `bench/banking77.py --keep`
 folder) a third table: the whole student on the kernels engine (distillery_kernels.engine, from quantize's INT8
@@ -147,6 +150,58 @@ def measure(batch: int, seq: int, runs: int) -> list[dict]:
     return out
 
 
+SPARSE_BLOCKS = ((4, 16), (16, 16), (32, 16), (16, 32), (16, 64), (32, 64))
+SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+
+
+def measure_sparse(batch: int, seq: int, runs: int) -> list[dict]:
+    """The block-sparse INT8 linear against the dense one (the same weights with a share of their blocks zeroed, at
+    random) at the feed-forward's shapes: p50 us per (linear, block shape, sparsity, threads), side by side."""
+    ops = kernels.require()
+    rng = np.random.default_rng(2)
+    fns, cases = {}, []
+    for name in ("feed-forward 1 + GELU", "feed-forward 2"):
+        k, n, gelu = LINEARS[name]
+        dense = rng.integers(-127, 128, (k, n)).astype(np.int8)
+        scale, bias = np.full(n, 0.01, np.float32), rng.standard_normal(n).astype(np.float32)
+        xi = rng.standard_normal((batch, seq, k)).astype(np.float32)
+        packed = ops.PackedWeights(dense, scale, bias)
+        for t in THREADS:
+            fns[f"{name}|dense|{t}"] = ours(t, lambda xi=xi, p=packed, g=gelu: ops.linear(xi, p, g))
+        for bk, bn in SPARSE_BLOCKS:
+            for sparsity in SPARSITIES:
+                drop = rng.random((k // bk, n // bn)) < sparsity
+                w = np.where(np.repeat(np.repeat(drop, bk, axis=0), bn, axis=1), 0, dense).astype(np.int8)
+                sp = ops.PackedWeights(w, scale, bias, block=(bk, bn))
+                key = f"{name}|{bk}x{bn}|{sparsity}"
+                for t in THREADS:
+                    fns[f"{key}|{t}"] = ours(t, lambda xi=xi, p=sp, g=gelu: ops.linear(xi, p, g))
+                cases.append((name, f"{bk}x{bn}", sparsity, key, round(1 - sp.density, 3)))
+    samples = side_by_side(fns, [None], runs, rounds=8, warmup=50)
+    p50 = {key: percentiles(values)["p50"] * 1000.0 for key, values in samples.items()}
+    return [
+        {"op": name, "block": block, "sparsity": sparsity, "zero_blocks": zero,
+         **{f"dense_{t}t_us": round(p50[f"{name}|dense|{t}"], 1) for t in THREADS},
+         **{f"sparse_{t}t_us": round(p50[f"{key}|{t}"], 1) for t in THREADS}}
+        for name, block, sparsity, key, zero in cases
+    ]  # fmt: skip
+
+
+def print_sparse(title: str, rows: list[dict]) -> None:
+    """Speedup of the block-sparse linear over the dense one, per block shape (rows) and sparsity (columns)."""
+    print(f"\n{title}: dense p50 us / block-sparse p50 us (same weights, zero blocks skipped)")
+    print(f"{'op':<24}{'block':<8}" + "".join(f"{f'{s:.0%} {t}t':>10}" for t in THREADS for s in SPARSITIES))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for block in dict.fromkeys(r["block"] for r in rows if r["op"] == op):
+            by = {r["sparsity"]: r for r in rows if r["op"] == op and r["block"] == block}
+            cells = "".join(f"{by[s][f'dense_{t}t_us'] / by[s][f'sparse_{t}t_us']:>9.2f}x" for t in THREADS
+                            for s in SPARSITIES)  # fmt: skip
+            print(f"{op:<24}{block:<8}{cells}")
+    dense = {r["op"]: r for r in rows}
+    print("dense p50 us: " + ", ".join(f"{op} {r['dense_1t_us']:.1f} (1t), {r['dense_2t_us']:.1f} (2t)"
+                                       for op, r in dense.items()))  # fmt: skip
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     head = f"{'op':<24}{'shape':<26}" + "".join(
@@ -213,19 +268,26 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32, help="queries in the batched table")
     ap.add_argument("--run", type=Path, help="also time the whole student of this project folder (after build)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--sparse-only", action="store_true", help="only the block-sparse table")
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit(f"bench/kernels: {kernels.unavailable_reason()}")
     print(f"bench/kernels: code path {kernels.isa()}; {args.runs} calls per operator; times are p50 microseconds;"
           " speedup = ORT / ours on the same threads", flush=True)  # fmt: skip
     results = {}
-    for batch, runs in ((1, args.runs), (args.batch, max(200, args.runs // 10))):
+    shapes = ((1, args.runs), (args.batch, max(200, args.runs // 10)))
+    for batch, runs in () if args.sparse_only else shapes:
         rows = measure(batch, args.tokens, runs)
         results[f"batch_{batch}"] = rows
         print_table(f"batch {batch} x {args.tokens} tokens ({batch * args.tokens} rows)", rows)
-    one = {row["op"]: row for row in results["batch_1"]}
-    print("\nINT8 linear, ours on 2 threads vs 1 at one query's rows (target >= 1.7x): " + ", ".join(
-        f"{name} {one[name]['scaling']:.2f}x" for name in LINEARS))  # fmt: skip
+    if not args.sparse_only:
+        one = {row["op"]: row for row in results["batch_1"]}
+        print("\nINT8 linear, ours on 2 threads vs 1 at one query's rows (target >= 1.7x): " + ", ".join(
+            f"{name} {one[name]['scaling']:.2f}x" for name in LINEARS))  # fmt: skip
+    for batch, runs in shapes:
+        rows = measure_sparse(batch, args.tokens, max(100, runs // 4))
+        results[f"sparse_batch_{batch}"] = rows
+        print_sparse(f"block-sparse INT8 linear, batch {batch} x {args.tokens} tokens", rows)
     if args.run:
         model = whole_model(args.run, args.batch, args.runs)
         results["whole_model"] = model

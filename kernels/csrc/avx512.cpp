@@ -102,6 +102,32 @@ static inline __m512 gelu_v(__m512 y) {
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), y), _mm512_add_ps(_mm512_set1_ps(1.0f), r));
 }
 
+// The epilogue of an MR x (16 NB) tile of accumulators from row r0, column col0: INT32, or (acc - zp colsum)
+// (sa sw) + bias (then GELU).
+template <int MR, int NB>
+static inline void store_tile(const GemmArgs& g, int n, const int32_t* colsum, const float* scale, const float* bias,
+                              int r0, int col0, __m512i (&acc)[MR][NB]) {
+    const QuantRows& a = *g.a;
+    for (int r = 0; r < MR; ++r) {
+        const int row = r0 + r;
+        const __m512 sa = _mm512_set1_ps(a.scale[row]);
+        const __m512i zp = _mm512_set1_epi32(a.zp[row]);
+        for (int j = 0; j < NB; ++j) {
+            const int c = col0 + 16 * j;
+            const __mmask16 m = tail_mask(n - c);
+            if (g.out_s32) {
+                _mm512_mask_storeu_epi32(g.out_s32 + static_cast<size_t>(row) * g.ldo + c, m, acc[r][j]);
+                continue;
+            }
+            const __m512i centred = _mm512_sub_epi32(acc[r][j], _mm512_mullo_epi32(zp, _mm512_loadu_si512(colsum + c)));
+            __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(sa, _mm512_loadu_ps(scale + c)));
+            y = _mm512_add_ps(y, _mm512_loadu_ps(bias + c));
+            if (g.gelu) y = gelu_v(y);
+            _mm512_mask_storeu_ps(g.out + static_cast<size_t>(row) * g.ldo + c, m, y);
+        }
+    }
+}
+
 template <int MR, int NB>
 static void tile(const GemmArgs& g, int panel, int r0) {
     const QuantRows& a = *g.a;
@@ -122,24 +148,76 @@ static void tile(const GemmArgs& g, int panel, int r0) {
             for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
         }
     }
-    const int col0 = panel * 64;
-    for (int r = 0; r < MR; ++r) {
-        const int row = r0 + r;
-        const __m512 sa = _mm512_set1_ps(a.scale[row]);
-        const __m512i zp = _mm512_set1_epi32(a.zp[row]);
-        for (int j = 0; j < NB; ++j) {
-            const int c = col0 + 16 * j;
-            const __mmask16 m = tail_mask(w.n - c);
-            if (g.out_s32) {
-                _mm512_mask_storeu_epi32(g.out_s32 + static_cast<size_t>(row) * g.ldo + c, m, acc[r][j]);
-                continue;
+    store_tile<MR, NB>(g, w.n, w.colsum, w.scale, w.bias, r0, panel * 64, acc);
+}
+
+// A tile of a block-sparse matmul: only the group's kept blocks. With fewer than 4 column blocks (NB), consecutive
+// groups of 4 rows of K go to S = 4 / NB separate accumulators (summed at the end: INT32 addition is exact, so the
+// result is the dense one), which keeps MR x 4 multiply-add chains in flight as the dense tile does.
+template <int MR, int NB>
+static void sparse_tile(const GemmArgs& g, int group, int r0) {
+    constexpr int S = 4 / NB;
+    const QuantRows& a = *g.a;
+    const SparsePacked& w = *g.s;
+    __m512i acc[S][MR][NB];
+    for (int s = 0; s < S; ++s)
+        for (int r = 0; r < MR; ++r)
+            for (int j = 0; j < NB; ++j) acc[s][r][j] = _mm512_setzero_si512();
+    const uint8_t* ar[MR];
+    for (int r = 0; r < MR; ++r) ar[r] = a.q + static_cast<size_t>(r0 + r) * a.lda;
+    const int8_t* b = w.data + w.offset[group];
+    const size_t block_bytes = static_cast<size_t>(w.bk4) * NB * 64;
+    for (int i = w.ptr[group]; i < w.ptr[group + 1]; ++i, b += block_bytes) {
+        const int k4_0 = w.kblock[i] * w.bk4, k4_1 = std::min(k4_0 + w.bk4, w.k4);
+        int k4 = k4_0;
+        for (; k4 + S <= k4_1; k4 += S)
+            for (int s = 0; s < S; ++s) {
+                const int8_t* bk = b + static_cast<size_t>(k4 + s - k4_0) * NB * 64;
+                __m512i bv[NB];
+                for (int j = 0; j < NB; ++j) bv[j] = _mm512_loadu_si512(bk + j * 64);
+                for (int r = 0; r < MR; ++r) {
+                    int32_t four;
+                    std::memcpy(&four, ar[r] + 4 * (k4 + s), 4);
+                    const __m512i av = _mm512_set1_epi32(four);
+                    for (int j = 0; j < NB; ++j) acc[s][r][j] = _mm512_dpbusd_epi32(acc[s][r][j], av, bv[j]);
+                }
             }
-            const __m512i centred =
-                _mm512_sub_epi32(acc[r][j], _mm512_mullo_epi32(zp, _mm512_loadu_si512(w.colsum + c)));
-            __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(sa, _mm512_loadu_ps(w.scale + c)));
-            y = _mm512_add_ps(y, _mm512_loadu_ps(w.bias + c));
-            if (g.gelu) y = gelu_v(y);
-            _mm512_mask_storeu_ps(g.out + static_cast<size_t>(row) * g.ldo + c, m, y);
+        for (; k4 < k4_1; ++k4) {
+            const int8_t* bk = b + static_cast<size_t>(k4 - k4_0) * NB * 64;
+            for (int r = 0; r < MR; ++r) {
+                int32_t four;
+                std::memcpy(&four, ar[r] + 4 * k4, 4);
+                const __m512i av = _mm512_set1_epi32(four);
+                for (int j = 0; j < NB; ++j)
+                    acc[0][r][j] = _mm512_dpbusd_epi32(acc[0][r][j], av, _mm512_loadu_si512(bk + j * 64));
+            }
+        }
+    }
+    for (int s = 1; s < S; ++s)
+        for (int r = 0; r < MR; ++r)
+            for (int j = 0; j < NB; ++j) acc[0][r][j] = _mm512_add_epi32(acc[0][r][j], acc[s][r][j]);
+    store_tile<MR, NB>(g, w.n, w.colsum, w.scale, w.bias, r0, group * w.nb * 16, acc[0]);
+}
+
+template <int MR>
+static void sparse_tile_rows(const GemmArgs& g, int group, int r0) {
+    switch (g.s->blocks(group)) {
+        case 1: return sparse_tile<MR, 1>(g, group, r0);
+        case 2: return sparse_tile<MR, 2>(g, group, r0);
+        case 3: return sparse_tile<MR, 3>(g, group, r0);
+        default: return sparse_tile<MR, 4>(g, group, r0);
+    }
+}
+
+void sparse_tiles(const GemmArgs& g, int task0, int task1) {
+    const int tiles = row_tiles(g.a->m);
+    for (int task = task0; task < task1; ++task) {
+        const int group = task / tiles, r0 = (task % tiles) * kRowTile;
+        switch (std::min(kRowTile, g.a->m - r0)) {
+            case 1: sparse_tile_rows<1>(g, group, r0); break;
+            case 2: sparse_tile_rows<2>(g, group, r0); break;
+            case 3: sparse_tile_rows<3>(g, group, r0); break;
+            default: sparse_tile_rows<4>(g, group, r0); break;
         }
     }
 }
@@ -155,6 +233,7 @@ static void tile_rows(const GemmArgs& g, int panel, int r0) {
 }
 
 void gemm_tiles(const GemmArgs& g, int task0, int task1) {
+    if (g.s) return sparse_tiles(g, task0, task1);
     const int tiles = row_tiles(g.a->m);
     for (int task = task0; task < task1; ++task) {
         const int panel = task / tiles, r0 = (task % tiles) * kRowTile;

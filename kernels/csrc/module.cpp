@@ -152,7 +152,9 @@ using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
 // ---------------------------------------------------------------------------------------------------------------
 class PackedWeights {
   public:
-    PackedWeights(const Array<int8_t>& w, const Array<float>& scale, const py::object& bias) {
+    // `block`: None packs the weights densely; (block_k, block_n) packs them block-sparse (block_k a multiple of 4,
+    // block_n 16, 32 or 64), keeping only the blocks that hold a non-zero weight.
+    PackedWeights(const Array<int8_t>& w, const Array<float>& scale, const py::object& bias, const py::object& block) {
         if (w.ndim() != 2) throw std::invalid_argument("weight must be 2-D [in, out]");
         const int k = static_cast<int>(w.shape(0)), n = static_cast<int>(w.shape(1));
         if (k < 1 || n < 1) throw std::invalid_argument("weight must have at least one row and one column");
@@ -199,18 +201,88 @@ class PackedWeights {
         p_.colsum = colsum_.data();
         p_.scale = scale_.data();
         p_.bias = bias_.data();
+        if (!block.is_none()) pack_sparse(wv, block.cast<std::pair<int, int>>());
     }
 
-    const Packed& packed() const { return p_; }
+    GemmArgs args(const QuantRows* a, float* out, int32_t* out_s32, bool gelu) const {
+        return GemmArgs{a, sparse_ ? nullptr : &p_, sparse_ ? &s_ : nullptr, out, out_s32, p_.n, gelu};
+    }
     int k() const { return p_.k; }
     int n() const { return p_.n; }
-    size_t nbytes() const { return data_.size() + 12 * colsum_.size(); }
+    size_t nbytes() const {
+        if (!sparse_) return data_.size() + 12 * colsum_.size();
+        return sdata_.size() + 4 * (ptr_.size() + kblock_.size()) + 8 * offset_.size() + 12 * colsum_.size();
+    }
+    py::object block() const { return sparse_ ? py::object(py::make_tuple(4 * s_.bk4, 16 * s_.nb)) : py::none(); }
+    // The share of blocks kept (1.0 for dense weights).
+    double density() const {
+        if (!sparse_) return 1.0;
+        const int kblocks = (p_.k4 + s_.bk4 - 1) / s_.bk4;
+        return static_cast<double>(kblock_.size()) / (static_cast<double>(kblocks) * s_.groups);
+    }
 
   private:
+    template <typename View>
+    void pack_sparse(const View& wv, std::pair<int, int> shape) {
+        const auto [bk, bn] = shape;
+        if (bk < 4 || bk % 4 || bk > 4 * p_.k4)
+            throw std::invalid_argument("block_k must be a multiple of 4 in [4, " + std::to_string(4 * p_.k4) +
+                                        "], got " + std::to_string(bk));
+        if (bn != 16 && bn != 32 && bn != 64)
+            throw std::invalid_argument("block_n must be 16, 32 or 64, got " + std::to_string(bn));
+        s_.k = p_.k;
+        s_.n = p_.n;
+        s_.k4 = p_.k4;
+        s_.n16 = p_.n16;
+        s_.bk4 = bk / 4;
+        s_.nb = bn / 16;
+        s_.groups = (p_.n16 + s_.nb - 1) / s_.nb;
+        const int kblocks = (p_.k4 + s_.bk4 - 1) / s_.bk4;
+        ptr_.assign(1, 0);
+        for (int g = 0; g < s_.groups; ++g) {
+            const int blocks = s_.blocks(g), col0 = g * bn;
+            offset_.push_back(static_cast<int64_t>(sdata_.size()));
+            for (int kb = 0; kb < kblocks; ++kb) {
+                const int row0 = kb * bk;
+                bool kept = false;
+                for (int row = row0; row < std::min(row0 + bk, p_.k) && !kept; ++row)
+                    for (int col = col0; col < std::min(col0 + 16 * blocks, p_.n) && !kept; ++col)
+                        kept = wv(row, col) != 0;
+                if (!kept) continue;
+                kblock_.push_back(kb);
+                const size_t at = sdata_.size();
+                sdata_.resize(at + static_cast<size_t>(s_.bk4) * blocks * 64, 0);
+                for (int k4 = 0; k4 < s_.bk4; ++k4)
+                    for (int c = 0; c < blocks * 16; ++c)
+                        for (int kk = 0; kk < 4; ++kk) {
+                            const int row = row0 + 4 * k4 + kk, col = col0 + c;
+                            if (row < p_.k && col < p_.n)
+                                sdata_[at + (static_cast<size_t>(k4) * blocks * 16 + c) * 4 + kk] = wv(row, col);
+                        }
+            }
+            ptr_.push_back(static_cast<int32_t>(kblock_.size()));
+        }
+        sdata_.resize(sdata_.size() + 64, 0);  // never empty, so data() is a valid pointer
+        s_.ptr = ptr_.data();
+        s_.kblock = kblock_.data();
+        s_.offset = offset_.data();
+        s_.data = sdata_.data();
+        s_.colsum = colsum_.data();
+        s_.scale = scale_.data();
+        s_.bias = bias_.data();
+        sparse_ = true;
+        data_ = std::vector<int8_t>();  // the dense copy is not used
+    }
+
     Packed p_;
     std::vector<int8_t> data_;
     std::vector<int32_t> colsum_;
     std::vector<float> scale_, bias_;
+    bool sparse_ = false;
+    SparsePacked s_;
+    std::vector<int32_t> ptr_, kblock_;
+    std::vector<int64_t> offset_;
+    std::vector<int8_t> sdata_;
 };
 
 struct Quantized {
@@ -256,7 +328,7 @@ void quantize_into(const float* x, int m, int k, Quantized& out) {
 }
 
 void gemm(const GemmArgs& g) {
-    const int tasks = g.w->panels * row_tiles(g.a->m);
+    const int tasks = gemm_tasks(g);
     const bool fast = use_avx512();
     pool().run(tasks, [&](int t0, int t1) {
         if (fast)
@@ -281,16 +353,16 @@ void linear_into(const float* xp, int rows, const PackedWeights& w, bool gelu, f
         thread_local Quantized mine;
         Quantized& a = mine;
         const int threads = pool().threads();
-        if (threads == 1 || rows * w.packed().panels < 2) {
+        if (threads == 1 || gemm_tasks(w.args(&a.rows, out, nullptr, gelu)) < 2) {
             quantize_into(xp, rows, w.k(), a);
-            gemm(GemmArgs{&a.rows, &w.packed(), out, nullptr, w.n(), gelu});
+            gemm(w.args(&a.rows, out, nullptr, gelu));
         } else {
             // One wake-up of the pool for both phases: each thread quantizes its share of the rows, waits at a
             // barrier until all rows are, then computes its share of the tiles. (Two pool calls cost a second
             // round trip between the cores, a visible share of a 13-row matmul.)
             prepare(a, rows, w.k());
-            const GemmArgs g{&a.rows, &w.packed(), out, nullptr, w.n(), gelu};
-            const int tasks = w.packed().panels * row_tiles(rows);
+            const GemmArgs g = w.args(&a.rows, out, nullptr, gelu);
+            const int tasks = gemm_tasks(g);
             const bool fast = use_avx512();
             std::atomic<int> arrived{0};
             pool().run(threads, [&](int t0, int t1) {
@@ -348,7 +420,7 @@ py::array_t<int32_t> gemm_s32(const Array<uint8_t>& a, const PackedWeights& w) {
             std::memcpy(q.q.data() + static_cast<size_t>(r) * lda, static_cast<const uint8_t*>(ab.ptr) +
                         static_cast<size_t>(r) * k, k);
         q.rows = QuantRows{m, k, lda, q.q.data(), q.scale.data(), q.zp.data()};
-        gemm(GemmArgs{&q.rows, &w.packed(), nullptr, out, w.n(), false});
+        gemm(w.args(&q.rows, nullptr, out, false));
     }
     return y;
 }
@@ -615,11 +687,13 @@ PYBIND11_MODULE(_ops, m) {
     m.def("peak_macs_per_second", &peak_macs_per_second, py::arg("seconds") = 0.2,
           "INT8 multiply-adds per second of a register-only VNNI loop on all pool threads (0 without VNNI)");
     py::class_<PackedWeights, std::shared_ptr<PackedWeights>>(m, "PackedWeights")
-        .def(py::init<const Array<int8_t>&, const Array<float>&, const py::object&>(), py::arg("weight"),
-             py::arg("scale"), py::arg("bias") = py::none())
+        .def(py::init<const Array<int8_t>&, const Array<float>&, const py::object&, const py::object&>(),
+             py::arg("weight"), py::arg("scale"), py::arg("bias") = py::none(), py::arg("block") = py::none())
         .def_property_readonly("k", &PackedWeights::k)
         .def_property_readonly("n", &PackedWeights::n)
-        .def_property_readonly("nbytes", &PackedWeights::nbytes);
+        .def_property_readonly("nbytes", &PackedWeights::nbytes)
+        .def_property_readonly("block", &PackedWeights::block, "(block_k, block_n) when block-sparse, else None")
+        .def_property_readonly("density", &PackedWeights::density, "the share of blocks kept (1.0 when dense)");
     py::class_<Model>(m, "Model")
         .def(py::init<const Array<float>&, const Array<float>&, const Array<float>&, const Array<float>&, float, int,
                       std::shared_ptr<PackedWeights>>(),

@@ -29,6 +29,26 @@ struct Packed {
     const int8_t* panel_data(int panel) const { return data + static_cast<size_t>(panel) * k4 * 256; }
 };
 
+// INT8 weights [K, N] in block-sparse rows (BSR) for a matmul that skips zero blocks. A block is `bk4` groups of 4
+// rows of K by `nb` 16-column blocks (block shape 4 bk4 x 16 nb); columns come in groups of `nb` 16-column blocks,
+// and each group keeps only its blocks that hold a non-zero weight: `ptr[g] .. ptr[g + 1]` index `kblock` (which
+// block of K, ascending) and the group's packed bytes start at `data + offset[g]`. A kept block is packed as the
+// dense panel is (for each group of 4 rows of K, the group's 16-column blocks one after another, 64 bytes each),
+// `bk4` groups of 4 rows long (rows past K are 0). colsum, scale and bias are as in Packed.
+struct SparsePacked {
+    int k = 0, n = 0, k4 = 0, n16 = 0;
+    int bk4 = 1, nb = 1;  // block: 4 bk4 rows of K x 16 nb columns
+    int groups = 0;       // ceil(n16 / nb)
+    const int32_t* ptr = nullptr;     // [groups + 1]
+    const int32_t* kblock = nullptr;  // [ptr[groups]]
+    const int64_t* offset = nullptr;  // [groups]: byte offset of the group's first kept block
+    const int8_t* data = nullptr;
+    const int32_t* colsum = nullptr;
+    const float* scale = nullptr;
+    const float* bias = nullptr;
+    int blocks(int group) const { return group == groups - 1 ? n16 - nb * group : nb; }
+};
+
 // Activations quantized per row: u8 with the row's zero point, as ONNX's DynamicQuantizeLinear does for a tensor
 // (the range always holds 0; scale = (max - min) / 255; zp = rint(-min / scale); q = clamp(rint(x / scale) + zp)).
 struct QuantRows {
@@ -38,11 +58,12 @@ struct QuantRows {
     int32_t* zp = nullptr;
 };
 
-// One matmul call: rows [m] of `a` against `w`, written as floats (y = (acc - zp * colsum) * (sa * sw) + bias,
+// One matmul call: rows [m] of `a` against `w` (or `s`), written as floats (y = (acc - zp * colsum) * (sa * sw) + bias,
 // then GELU when `gelu`) or, when `out_s32` is set, as the raw INT32 accumulators.
 struct GemmArgs {
     const QuantRows* a;
-    const Packed* w;
+    const Packed* w;  // dense weights, or null when `s` holds block-sparse ones
+    const SparsePacked* s;
     float* out;
     int32_t* out_s32;
     int ldo;
@@ -56,6 +77,7 @@ inline float exp_approx(float x);
 namespace portable {
 void quantize_rows(const float* x, int row0, int row1, QuantRows& out);
 void gemm_tiles(const GemmArgs& g, int task0, int task1);  // tasks: panel-major (panel, 4-row tile)
+void sparse_tiles(const GemmArgs& g, int task0, int task1);  // tasks: group-major (column group, 4-row tile)
 void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
                    int row0, int row1, int width, float* out);
 void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
@@ -67,6 +89,7 @@ bool supported();
 int64_t peak_loop(int64_t iterations);  // iterations x 24 independent vpdpbusd: INT8 multiply-adds = 1536 x iterations
 void quantize_rows(const float* x, int row0, int row1, QuantRows& out);
 void gemm_tiles(const GemmArgs& g, int task0, int task1);
+void sparse_tiles(const GemmArgs& g, int task0, int task1);
 void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
                    int row0, int row1, int width, float* out);
 void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
@@ -76,6 +99,9 @@ void attention(const float* q, const float* k, const float* v, int ld, const int
 constexpr int kRowTile = 4;
 
 inline int row_tiles(int m) { return (m + kRowTile - 1) / kRowTile; }
+
+// The matmul's tasks: (column panel or group) x 4-row tile.
+inline int gemm_tasks(const GemmArgs& g) { return (g.s ? g.s->groups : g.w->panels) * row_tiles(g.a->m); }
 
 // Attention's key layout, shared by both paths: head `h` of the `seq` keys from row `base` of k (row stride ld),
 // transposed into kt[d][j] with rows of `sp` (seq rounded up to 16; the padding stays 0), so a score sums over d

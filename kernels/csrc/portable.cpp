@@ -33,7 +33,45 @@ void quantize_rows(const float* x, int row0, int row1, QuantRows& out) {
     }
 }
 
+// The epilogue of a tile: `rows` rows from r0 by `cols` columns from col0 of the accumulators, as INT32 or as
+// (acc - zp colsum) (sa sw) + bias (then GELU).
+static void store_tile(const GemmArgs& g, const int32_t* colsum, const float* scale, const float* bias, int r0,
+                       int rows, int col0, int cols, const int32_t (*acc)[64]) {
+    const QuantRows& a = *g.a;
+    for (int r = 0; r < rows; ++r) {
+        const int row = r0 + r;
+        if (g.out_s32) {
+            std::memcpy(g.out_s32 + static_cast<size_t>(row) * g.ldo + col0, acc[r], cols * sizeof(int32_t));
+            continue;
+        }
+        float* y = g.out + static_cast<size_t>(row) * g.ldo + col0;
+        const float sa = a.scale[row];
+        const int32_t zp = a.zp[row];
+        for (int c = 0; c < cols; ++c) {
+            const int j = col0 + c;
+            float v = static_cast<float>(acc[r][c] - zp * colsum[j]) * (sa * scale[j]) + bias[j];
+            y[c] = g.gelu ? gelu(v) : v;
+        }
+    }
+}
+
+// Adds 4-row groups [k4_0, k4_1) of packed bytes `b` (`blocks` 16-column blocks per group of 4 rows) to acc.
+static void accumulate(const QuantRows& a, int r0, int rows, const int8_t* b, int blocks, int k4_0, int k4_1,
+                       int32_t (*acc)[64]) {
+    for (int k4 = k4_0; k4 < k4_1; ++k4) {
+        const int8_t* bk = b + static_cast<size_t>(k4 - k4_0) * blocks * 64;
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t* ar = a.q + static_cast<size_t>(r0 + r) * a.lda + 4 * k4;
+            for (int c = 0; c < blocks * 16; ++c) {
+                const int8_t* bc = bk + c * 4;
+                acc[r][c] += ar[0] * bc[0] + ar[1] * bc[1] + ar[2] * bc[2] + ar[3] * bc[3];
+            }
+        }
+    }
+}
+
 void gemm_tiles(const GemmArgs& g, int task0, int task1) {
+    if (g.s) return sparse_tiles(g, task0, task1);
     const QuantRows& a = *g.a;
     const Packed& w = *g.w;
     const int tiles = row_tiles(a.m);
@@ -41,34 +79,30 @@ void gemm_tiles(const GemmArgs& g, int task0, int task1) {
     for (int task = task0; task < task1; ++task) {
         const int panel = task / tiles, r0 = (task % tiles) * kRowTile;
         const int rows = std::min(kRowTile, a.m - r0), blocks = w.blocks(panel);
-        const int8_t* b = w.panel_data(panel);
         std::memset(acc, 0, sizeof(acc));
-        for (int k4 = 0; k4 < w.k4; ++k4) {
-            const int8_t* bk = b + static_cast<size_t>(k4) * blocks * 64;
-            for (int r = 0; r < rows; ++r) {
-                const uint8_t* ar = a.q + static_cast<size_t>(r0 + r) * a.lda + 4 * k4;
-                for (int c = 0; c < blocks * 16; ++c) {
-                    const int8_t* bc = bk + c * 4;
-                    acc[r][c] += ar[0] * bc[0] + ar[1] * bc[1] + ar[2] * bc[2] + ar[3] * bc[3];
-                }
-            }
+        accumulate(a, r0, rows, w.panel_data(panel), blocks, 0, w.k4, acc);
+        const int col0 = panel * 64;
+        store_tile(g, w.colsum, w.scale, w.bias, r0, rows, col0, std::min(64, w.n - col0), acc);
+    }
+}
+
+void sparse_tiles(const GemmArgs& g, int task0, int task1) {
+    const QuantRows& a = *g.a;
+    const SparsePacked& w = *g.s;
+    const int tiles = row_tiles(a.m);
+    int32_t acc[kRowTile][64];
+    for (int task = task0; task < task1; ++task) {
+        const int group = task / tiles, r0 = (task % tiles) * kRowTile;
+        const int rows = std::min(kRowTile, a.m - r0), blocks = w.blocks(group);
+        std::memset(acc, 0, sizeof(acc));
+        const int8_t* b = w.data + w.offset[group];
+        const size_t block_bytes = static_cast<size_t>(w.bk4) * blocks * 64;
+        for (int i = w.ptr[group]; i < w.ptr[group + 1]; ++i, b += block_bytes) {
+            const int k4_0 = w.kblock[i] * w.bk4;
+            accumulate(a, r0, rows, b, blocks, k4_0, std::min(k4_0 + w.bk4, w.k4), acc);
         }
-        const int col0 = panel * 64, cols = std::min(64, w.n - col0);
-        for (int r = 0; r < rows; ++r) {
-            const int row = r0 + r;
-            if (g.out_s32) {
-                std::memcpy(g.out_s32 + static_cast<size_t>(row) * g.ldo + col0, acc[r], cols * sizeof(int32_t));
-                continue;
-            }
-            float* y = g.out + static_cast<size_t>(row) * g.ldo + col0;
-            const float sa = a.scale[row];
-            const int32_t zp = a.zp[row];
-            for (int c = 0; c < cols; ++c) {
-                const int j = col0 + c;
-                float v = static_cast<float>(acc[r][c] - zp * w.colsum[j]) * (sa * w.scale[j]) + w.bias[j];
-                y[c] = g.gelu ? gelu(v) : v;
-            }
-        }
+        const int col0 = group * w.nb * 16;
+        store_tile(g, w.colsum, w.scale, w.bias, r0, rows, col0, std::min(w.nb * 16, w.n - col0), acc);
     }
 }
 

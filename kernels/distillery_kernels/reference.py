@@ -30,6 +30,17 @@ def gemm_s32(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return a.astype(np.int32) @ w.astype(np.int32)
 
 
+def block_density(w: np.ndarray, block: tuple[int, int]) -> float:
+    """The share of (block_k x block_n) blocks of w [K, N] that hold a non-zero weight (edge blocks partial), the
+    blocks a block-sparse PackedWeights keeps: its matmul is gemm_s32 of the same w."""
+    bk, bn = block
+    k, n = w.shape
+    padded = np.zeros((-(-k // bk) * bk, -(-n // bn) * bn), dtype=bool)
+    padded[:k, :n] = w != 0
+    blocks = padded.reshape(padded.shape[0] // bk, bk, padded.shape[1] // bn, bn).any(axis=(1, 3))
+    return float(blocks.mean())
+
+
 def gelu(y: np.ndarray) -> np.ndarray:
     """The exact (erf) GELU that BERT-family models use."""
     erf = np.vectorize(math.erf, otypes=[np.float64])

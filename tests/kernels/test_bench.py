@@ -57,6 +57,11 @@ def test_the_script_prints_both_tables_and_writes_its_figures(tmp_path, monkeypa
     figures = json.loads(out.read_text())
     assert {row["op"] for row in figures["batch_1"]} == {*bench.LINEARS, "add + LayerNorm", "attention"}
     assert all(row["ours_1t_us"] > 0 and row["ort_2t_us"] > 0 for row in figures["batch_2"])
+    assert "block-sparse INT8 linear, batch 1 x 13 tokens" in printed
+    sparse = figures["sparse_batch_1"]
+    assert len(sparse) == 2 * len(bench.SPARSE_BLOCKS) * len(bench.SPARSITIES)
+    # the zeroed share of blocks is drawn at random around each target
+    assert all(abs(row["zero_blocks"] - row["sparsity"]) < 0.1 and row["sparse_2t_us"] > 0 for row in sparse)
 
 
 def _quick(fns):

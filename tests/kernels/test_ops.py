@@ -49,6 +49,49 @@ def test_int8_accumulation_is_exact(path, rows, k, n, seed):
     np.testing.assert_array_equal(ops.gemm_s32(a, ops.PackedWeights(w, scale)), ref.gemm_s32(a, w))
 
 
+def block_sparse(rng, w, block, sparsity):
+    """w with a `sparsity` share of its (block_k x block_n) blocks zeroed at random."""
+    bk, bn = block
+    kb, nb = -(-w.shape[0] // bk), -(-w.shape[1] // bn)
+    drop = rng.random((kb, nb)) < sparsity
+    mask = np.repeat(np.repeat(drop, bk, axis=0), bn, axis=1)[: w.shape[0], : w.shape[1]]
+    return np.where(mask, 0, w).astype(np.int8)
+
+
+BLOCKS = st.sampled_from([(4, 16), (8, 16), (16, 16), (32, 16), (4, 32), (16, 32), (4, 64), (16, 64), (32, 64)])
+
+
+@SETTINGS
+@given(rows=st.integers(1, 128), k=WIDTHS, n=WIDTHS, block=BLOCKS, sparsity=st.sampled_from([0.0, 0.5, 0.8, 0.95, 1.0]),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_block_sparse_accumulation_is_exact_and_keeps_only_non_zero_blocks(path, rows, k, n, block, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    w, scale, b = weights(rng, k, n)
+    w = block_sparse(rng, w, block, sparsity)
+    if block[0] > 4 * -(-k // 4):
+        with pytest.raises(ValueError, match="block_k must be a multiple of 4"):
+            ops.PackedWeights(w, scale, b, block=block)
+        return
+    packed = ops.PackedWeights(w, scale, b, block=block)
+    assert packed.block == block and packed.density == pytest.approx(ref.block_density(w, block))
+    a = rng.integers(0, 256, (rows, k)).astype(np.uint8)
+    np.testing.assert_array_equal(ops.gemm_s32(a, packed), ref.gemm_s32(a, w))
+    x = (rng.standard_normal((rows, k)) * 2).astype(np.float32)
+    np.testing.assert_array_equal(ops.linear(x, packed), ops.linear(x, ops.PackedWeights(w, scale, b)))
+    np.testing.assert_array_equal(
+        ops.linear(x, packed, gelu=True), ops.linear(x, ops.PackedWeights(w, scale, b), gelu=True)
+    )
+
+
+def test_a_bad_block_shape_is_named():
+    w = np.ones((64, 32), np.int8)
+    scale = np.ones(32, np.float32)
+    for block, match in [((6, 16), "block_k must be a multiple of 4"), ((16, 48), "block_n must be 16, 32 or 64")]:
+        with pytest.raises(ValueError, match=match):
+            ops.PackedWeights(w, scale, block=block)
+    assert ops.PackedWeights(w, scale).block is None and ops.PackedWeights(w, scale).density == 1.0
+
+
 @SETTINGS
 @given(rows=st.integers(1, 128), k=WIDTHS, seed=st.integers(0, 2**32 - 1), spread=st.sampled_from([0.0, 1e-3, 1, 50]))
 def test_rows_quantize_as_the_reference(path, rows, k, seed, spread):
