@@ -9,9 +9,11 @@ less), never below `min_heads_per_layer` / `min_ffn_per_layer`. Then the student
 `optim.epochs` with the distillation loss (`kd:`) against the teacher's soft labels, on the `training:`
 engine.
 
-`magnitude` > 0 adds global unstructured magnitude pruning over the encoder's matrices, reaching that
-sparsity along a cosine schedule during recovery. Zeros stored in dense matrices make no dense runtime
-faster: metrics.json says so. `heads: 0`, `ffn: 0` and `magnitude: 0` pass the student through unchanged.
+`magnitude` > 0 adds global magnitude pruning over the encoder's matrices, reaching that sparsity along a
+cosine schedule during recovery: of single weights, or with `magnitude_block` of whole blocks (block_k inputs x
+block_n outputs, ranked by mean |w|), the blocks the block-sparse INT8 kernels skip. Zeros stored in dense
+matrices make no dense runtime faster: metrics.json says so. `heads: 0`, `ffn: 0` and `magnitude: 0` pass the
+student through unchanged.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ class PruneParams:
     min_heads_per_layer: int = 2  # no layer goes below this many heads
     min_ffn_per_layer: int = 128  # nor below this FFN width
     importance_batches: int = 32  # training batches scored for importance
-    magnitude: float = 0.0  # global unstructured sparsity of encoder matrices after recovery; 0 = off
+    magnitude: float = 0.0  # global magnitude sparsity of encoder matrices after recovery; 0 = off
+    # None: single weights (unstructured); [block_k, block_n]: whole blocks of block_k inputs x block_n outputs,
+    # the blocks the block-sparse INT8 kernels skip (kernels/: block_k a multiple of 4, block_n 16, 32 or 64)
+    magnitude_block: tuple[int, int] | None = None
     optim: OptimParams = field(default_factory=lambda: OptimParams(epochs=2, lr=1e-4, batch_size=32))
 
     def __post_init__(self) -> None:
@@ -55,6 +60,15 @@ class PruneParams:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ParamError(f"prune.{key} must be a share in [0, 1), got {value!r}")
+        block = self.magnitude_block
+        if block is not None:
+            if (not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) for b in block)
+                    or block[0] < 4 or block[0] % 4 or block[1] not in (16, 32, 64)):  # fmt: skip
+                raise ParamError(
+                    "prune.magnitude_block must be null or [block_k, block_n] with block_k a positive multiple of 4 "
+                    f"and block_n 16, 32 or 64, got {block!r}"
+                )
+            object.__setattr__(self, "magnitude_block", (int(block[0]), int(block[1])))
         for key in ("min_heads_per_layer", "min_ffn_per_layer", "importance_batches"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"prune.{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -139,20 +153,49 @@ def encoder_matrices(student: TextClassifier) -> list[nn.Parameter]:
     return [m.weight for m in student.encoder.encoder.layer.modules() if isinstance(m, nn.Linear)]
 
 
-def magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Keep-masks zeroing the `sparsity` share of smallest |w| across all matrices (one global threshold)."""
-    flat = torch.cat([w.detach().abs().flatten() for w in weights])
+def block_scores(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Mean |w| of each block of a Linear's weight [out, in]: block_k inputs x block_n outputs (the [in, out] matrix
+    the INT8 model multiplies by, cut as the block-sparse kernels cut it); edge blocks average what they hold."""
+    bk, bn = block
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // bn), -(-in_f // bk)
+    padded = torch.zeros(rows * bn, cols * bk, dtype=w.dtype, device=w.device)
+    count = torch.zeros_like(padded)
+    padded[:out_f, :in_f] = w.detach().abs()
+    count[:out_f, :in_f] = 1
+    return padded.reshape(rows, bn, cols, bk).sum((1, 3)) / count.reshape(rows, bn, cols, bk).sum((1, 3))
+
+
+def magnitude_masks(
+    weights: list[torch.Tensor], sparsity: float, block: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
+    """Keep-masks zeroing the `sparsity` share of smallest |w| across all matrices (one global threshold), or with
+    `block` the share of blocks of smallest mean |w|."""
+    scores = [block_scores(w, block) if block else w.detach().abs() for w in weights]
+    flat = torch.cat([s.flatten() for s in scores])
     k = int(sparsity * flat.numel())
     if k == 0:
         return [torch.ones_like(w, dtype=torch.bool) for w in weights]
     threshold = torch.kthvalue(flat, k).values
-    return [w.detach().abs() > threshold for w in weights]
+    if not block:
+        return [s > threshold for s in scores]
+    bk, bn = block
+    return [
+        (s > threshold).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: w.shape[0], : w.shape[1]]
+        for s, w in zip(scores, weights, strict=True)
+    ]
 
 
 @torch.no_grad()
-def apply_masks(weights: list[torch.Tensor], sparsity: float) -> None:
-    for w, keep in zip(weights, magnitude_masks(weights, sparsity), strict=True):
+def apply_masks(weights: list[torch.Tensor], sparsity: float, block: tuple[int, int] | None = None) -> None:
+    for w, keep in zip(weights, magnitude_masks(weights, sparsity, block), strict=True):
         w.mul_(keep)
+
+
+def block_sparsity_of(weights: list[torch.Tensor], block: tuple[int, int]) -> float:
+    """The share of blocks (as `block_scores` cuts them) that are all zero."""
+    scores = torch.cat([block_scores(w, block).flatten() for w in weights])
+    return float((scores == 0).float().mean())
 
 
 def sparsity_of(weights: list[torch.Tensor]) -> float:
@@ -217,7 +260,7 @@ def prune(
         name, why = "torch", "prune.magnitude > 0 edits weights every step: torch engine"
 
         def on_step(_: nn.Module, step: int, total: int) -> None:
-            apply_masks(weights, cosine_sparsity(p.magnitude, step, total))
+            apply_masks(weights, cosine_sparsity(p.magnitude, step, total), p.magnitude_block)
 
     result = distill_student(
         student,
@@ -234,7 +277,7 @@ def prune(
         on_epoch=on_epoch,
     )
     if p.magnitude > 0:  # the best epoch may predate the schedule's end: reach the target exactly
-        apply_masks(weights, p.magnitude)
+        apply_masks(weights, p.magnitude, p.magnitude_block)
     metrics["recovery"] = result.summary()
     metrics["recovery"]["engine"]["chosen_by"] = why
     return metrics, {"recovery": result.timings()}
@@ -248,11 +291,17 @@ def outcome(before: dict[str, Any], after: dict[str, Any], student: TextClassifi
         if p.magnitude > 0
         else "no magnitude pruning (prune.magnitude: 0)"
     )
+    if p.magnitude > 0 and p.magnitude_block:
+        note += "; the block-sparse INT8 kernels (build's kernels_int8_sparse) skip the zero blocks"
+    sparsity: dict[str, Any] = {"encoder_matrices": round(sparsity_of(encoder_matrices(student)), 6)}
+    if p.magnitude_block:
+        sparsity["block"] = list(p.magnitude_block)
+        sparsity["zero_blocks"] = round(block_sparsity_of(encoder_matrices(student), p.magnitude_block), 6)
     return {
         "after": after,
         "flops_reduction": round(1 - after["flops_per_token"] / before["flops_per_token"], 6),
         "test_accuracy_drop": round(before["test"]["accuracy"] - after["test"]["accuracy"], 6),
-        "sparsity": {"encoder_matrices": round(sparsity_of(encoder_matrices(student)), 6), "note": note},
+        "sparsity": {**sparsity, "note": note},
     }
 
 

@@ -69,6 +69,28 @@ def test_magnitude_reaches_its_sparsity_and_says_dense_gets_nothing(inputs):
     assert metrics["recovery"]["engine"]["name"] == "torch"
 
 
+def test_block_magnitude_zeroes_whole_kernel_blocks_at_its_share():
+    """Blocks are block_k inputs x block_n outputs of each Linear (an [out, in] weight): as the kernels cut the
+    [in, out] INT8 matrix; edge blocks of odd shapes count too."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(96, 40, generator=gen), torch.randn(40, 100, generator=gen)]
+    prune.apply_masks(weights, 0.6, (8, 32))
+    for w in weights:
+        blocks = prune.block_scores(w, (8, 32))
+        rows, cols = -(-w.shape[0] // 32), -(-w.shape[1] // 8)
+        assert blocks.shape == (rows, cols)
+        padded = torch.full((rows * 32, cols * 8), float("nan"))
+        padded[: w.shape[0], : w.shape[1]] = w
+        cut = padded.reshape(rows, 32, cols, 8).transpose(1, 2).flatten(2)
+        zeros, real = (cut == 0).sum(-1), (~cut.isnan()).sum(-1)
+        # randn has no zeros: a block is emptied whole or kept whole
+        assert torch.all((zeros == 0) | (zeros == real)) and torch.equal(blocks == 0, zeros == real)
+    total = sum(prune.block_scores(w, (8, 32)).numel() for w in weights)
+    assert prune.block_sparsity_of(weights, (8, 32)) == pytest.approx(int(0.6 * total) / total, abs=1 / total)
+    with pytest.raises(ParamError, match=r"prune.magnitude_block must be null or \[block_k, block_n\]"):
+        prune.PruneParams(magnitude=0.5, magnitude_block=[6, 16])
+
+
 def test_choose_removed_keeps_the_per_layer_minimum():
     scores = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.9, 0.8, 0.7])]
     assert prune.choose_removed(scores, 0.5, 1) == [[0, 1], [2]]
