@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok if kd.layers else None)
     main_rank = is_main_process()
     with outputs() as w:  # DVCLive writes its folder epoch by epoch; it lands only if the stage succeeds
-        tracker = EpochTracker(w.directory(args.out / "dvclive"), "train", args.params) if main_rank else None
+        tracker = (
+            EpochTracker(w.directory(args.out / "dvclive"), "train", args.params, p.optim.epochs) if main_rank else None
+        )
         with tracker or contextlib.nullcontext():
             result = distill_student(
                 student, tokenizer, targets, held["val"], labels, kd, p.optim, (engine, training.zero_stage),

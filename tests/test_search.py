@@ -75,12 +75,18 @@ def test_epochs_go_to_dvclive_and_a_search_trial_is_pruned(tmp_path, monkeypatch
     spec = {"storage": storage, "study": "s-epochs", "trial_id": trial._trial_id,
             "pruner": {"kind": "threshold", "lower": 0.5}}  # fmt: skip
     monkeypatch.setenv(SEARCH_ENV, json.dumps(spec))
-    tracker = EpochTracker(tmp_path / "dvclive", "train", tmp_path / "params.yaml")
+    tracker = EpochTracker(tmp_path / "dvclive", "train", tmp_path / "params.yaml", epochs=3)
     tracker(1, {"loss": 1.5, "lr": 1e-4, "val_accuracy": 0.6})
     with pytest.raises(TrialPruned, match="trial pruned at epoch 2"):
         tracker(2, {"loss": 1.2, "lr": 5e-5, "val_accuracy": 0.4})
     stored = study.trials[0]
     assert stored.intermediate_values == {1: 0.6, 2: 0.4} and stored.user_attrs["pruned_at_epoch"] == 2
+    # the last epoch is reported, never pruned: the rest of the trial costs less than it tells
+    spec["trial_id"] = study.ask()._trial_id
+    monkeypatch.setenv(SEARCH_ENV, json.dumps(spec))
+    last = EpochTracker(tmp_path / "dvclive-last", "train", tmp_path / "params.yaml", epochs=1)
+    last(1, {"loss": 1.5, "lr": 1e-4, "val_accuracy": 0.1})
+    assert study.trials[1].intermediate_values == {1: 0.1}
     assert json.loads((tmp_path / "dvclive/metrics.json").read_text()) == {
         "loss": 1.2, "lr": 5e-5, "val_accuracy": 0.4, "step": 2}  # fmt: skip
     # one row per epoch, no timestamps: the same inputs give the same bytes

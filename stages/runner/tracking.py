@@ -93,9 +93,11 @@ class _SearchTrial:
         self.trial = optuna.trial.Trial(study, int(spec["trial_id"]))
         self.offset = int(spec.get("step_offset", 0))
 
-    def report(self, epoch: int, accuracy: float) -> None:
+    def report(self, epoch: int, accuracy: float, last: bool = False) -> None:
+        """Report an epoch; prune unless it is the stage's last (what is left is cheaper than a trial's restart,
+        and the finished trial tells the sampler more than a pruned one)."""
         self.trial.report(accuracy, self.offset + epoch)
-        if self.trial.should_prune():
+        if not last and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_epoch", epoch)
             raise TrialPruned(
                 f"search: trial pruned at epoch {epoch} (val accuracy {accuracy:.4f} below the pruner's bar)"
@@ -130,8 +132,10 @@ def _live(folder: Path) -> Any:
 class EpochTracker:
     """`on_epoch` for `fit`: logs each epoch's loss, validation accuracy and learning rate."""
 
-    def __init__(self, folder: Path, stage: str, params_file: str | Path = "params.yaml"):
+    def __init__(self, folder: Path, stage: str, params_file: str | Path = "params.yaml", epochs: int | None = None):
+        """`epochs`: the stage's planned epochs (a search never prunes the last)."""
         self.live = _live(folder)
+        self.epochs = epochs
         self.trial = search_trial(stage)
         self.mlflow = None
         settings = read_tracking(params_file)
@@ -146,7 +150,7 @@ class EpochTracker:
         if self.mlflow is not None:
             self.mlflow.log_metrics(record, step=epoch)
         if self.trial is not None:
-            self.trial.report(epoch, record["val_accuracy"])
+            self.trial.report(epoch, record["val_accuracy"], last=epoch == self.epochs)
 
     def close(self, failed: bool = False) -> None:
         if self.mlflow is not None:
