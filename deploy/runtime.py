@@ -174,7 +174,7 @@ class Classifier:
         from distillery_kernels.engine import EngineError, EngineSession
 
         try:
-            return EngineSession(path, self.threads, spinning=self.spinning)
+            return EngineSession(path, self.threads, spinning=self.spinning, block=self.record.block)
         except EngineError as exc:
             raise RegistryError(f"{path}: {exc}") from exc
 

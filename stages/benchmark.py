@@ -192,7 +192,8 @@ class KernelsVariant(OrtVariant):
 
         self.name, self.files, self.tokenizer, self.max_length = name, [path], tokenizer, rt.max_length
         self.precision, self.flops_model, self.device = "int8", kw.get("flops_model"), "cpu"
-        self.sess = EngineSession(path, rt.threads)
+        self.block = kw.get("block")  # block-sparse packing (kernels_int8_sparse), None: dense
+        self.sess = EngineSession(path, rt.threads, block=self.block)
 
 
 class TorchVariant(Variant):
@@ -399,7 +400,7 @@ def engine_variant(name: str, engine: Any, inputs: Inputs, tokenizer: Any, rt: R
     if engine.backend == "tensorrt":
         return TrtVariant(name, path, tokenizer, rt, engine.precision, pruned)
     if engine.backend == "kernels":  # a RuntimeError with the reason where the operators are not built here
-        return KernelsVariant(name, path, tokenizer, rt, flops_model=pruned)
+        return KernelsVariant(name, path, tokenizer, rt, flops_model=pruned, block=engine.block)
     if engine.device == "cpu":
         return OrtVariant(name, path, tokenizer, rt, **kw)
     return OrtVariant(name, path, tokenizer, rt, providers=[engine.providers[0], "CPUExecutionProvider"], **kw)
@@ -446,6 +447,8 @@ def memory_probes(variants: list[Variant], inputs: Inputs) -> dict[str, dict[str
                 tok_dir = inputs.train / "student"
             kind = "kernels" if isinstance(v, KernelsVariant) else "onnx"
             probes[v.name] = {"kind": kind, "path": str(v.files[0]), "tokenizer": str(tok_dir)}
+            if isinstance(v, KernelsVariant) and v.block:
+                probes[v.name]["block"] = list(v.block)
     return probes
 
 

@@ -15,6 +15,10 @@ on the same file: at least `kernels_min_agreement` of the predictions equal and 
 `kernels_max_logit_share` of the reference's logit range, else the stage fails naming the engine. Where the
 operators were not built (no compiler at install) or cannot read the model, it is recorded as skipped with
 the reason, like a GPU engine without a GPU. Its manifest entry names quantize's file as its `source`.
+`kernels_int8_sparse` is the same engine with the layers' weights packed block-sparse in
+`build.kernels_sparse_block` blocks (set it to `prune.magnitude_block`, the blocks pruning zeroed): built and
+checked the same way when at least `kernels_sparse_min_zero_blocks` of the blocks are zero (its entry records
+the block and the zero share), else skipped with the share measured.
 
 On GPU hosts (CUDA and TensorRT present), for each route in `build.gpu`:
 - `tensorrt`: TensorRT engines built with its Python API. The ONNX parser's errors are logged one per
@@ -87,6 +91,11 @@ class BuildParams:
     kernels: bool = True  # build `kernels_int8`: the student on the compiled operators of kernels/
     kernels_min_agreement: float = 0.97  # its share of predictions equal to ONNX Runtime's on the same INT8 model
     kernels_max_logit_share: float = 0.05  # its max |logit difference| over the reference's logit range
+    # `kernels_int8_sparse`: the same engine with the layers packed block-sparse in blocks of this shape (set it
+    # to prune.magnitude_block's); built when at least `kernels_sparse_min_zero_blocks` of the INT8 layers' blocks
+    # are zero, else recorded as skipped with the share; None: not built
+    kernels_sparse_block: tuple[int, int] | None = None
+    kernels_sparse_min_zero_blocks: float = 0.3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpu", tuple(self.gpu))
@@ -96,7 +105,16 @@ class BuildParams:
         for key in ("parity_rows", "max_batch", "max_len", "opt_batch", "opt_len", "workspace_mb", "latency_runs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"build.{key} must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("kernels_min_agreement", "kernels_max_logit_share"):
+        block = self.kernels_sparse_block
+        if block is not None:
+            if (not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) for b in block)
+                    or block[0] < 4 or block[0] % 4 or block[1] not in (16, 32, 64)):  # fmt: skip
+                raise ParamError(
+                    "build.kernels_sparse_block must be null or [block_k, block_n] with block_k a positive multiple "
+                    f"of 4 and block_n 16, 32 or 64, got {block!r}"
+                )
+            object.__setattr__(self, "kernels_sparse_block", (int(block[0]), int(block[1])))
+        for key in ("kernels_min_agreement", "kernels_max_logit_share", "kernels_sparse_min_zero_blocks"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ParamError(f"build.{key} must be in [0, 1], got {getattr(self, key)!r}")
         if not (self.opt_batch <= self.max_batch and self.opt_len <= self.max_len):
@@ -201,11 +219,20 @@ class Builder:
                 "speedup_vs_unfused": round(theirs["p50"] / ours["p50"], 3),
             }
 
-    def kernels_engine(self) -> None:
+    def kernels_engine(self, sparse_block: tuple[int, int] | None = None) -> None:
         """`kernels_int8`: quantize's INT8 model run by the compiled operators (distillery_kernels.engine), held to
         ONNX Runtime on the same file; skipped with the reason where the operators were not built or cannot read
-        the model (a static QDQ variant, a non-BERT encoder)."""
-        name, source = "kernels_int8", self.quantized / "model.int8.onnx"
+        the model (a static QDQ variant, a non-BERT encoder). Then `kernels_int8_sparse`, the layers packed
+        block-sparse in `sparse_block` blocks (build.kernels_sparse_block), when enough of them are zero."""
+        self.kernels("kernels_int8", None)
+        if sparse_block is None:
+            why = "build.kernels_sparse_block is null (set it to prune.magnitude_block for a block-sparse student)"
+            self.skip("kernels_int8_sparse", "kernels", "int8", why, asked=False)
+        else:
+            self.kernels("kernels_int8_sparse", sparse_block)
+
+    def kernels(self, name: str, block: tuple[int, int] | None) -> None:
+        source = self.quantized / "model.int8.onnx"
         import distillery_kernels
 
         if not self.p.kernels:
@@ -216,10 +243,18 @@ class Builder:
 
         start = time.perf_counter()
         try:
-            sess = EngineSession(source, self.rt.threads)
+            sess = EngineSession(source, self.rt.threads, block=block)
         except EngineError as exc:
             return self.skip(name, "kernels", "int8", f"cannot run {source.name}: {exc}", asked=False)
         seconds = time.perf_counter() - start
+        sparse: dict[str, Any] = {}
+        if block is not None:
+            share, least = sess.engine.zero_blocks, self.p.kernels_sparse_min_zero_blocks
+            if share < least:
+                why = (f"{share:.1%} of the INT8 layers' {block[0]}x{block[1]} weight blocks are zero, under "
+                       f"build.kernels_sparse_min_zero_blocks ({least:.0%}): not a block-sparse student")  # fmt: skip
+                return self.skip(name, "kernels", "int8", why, asked=False)
+            sparse = {"block": list(block), "zero_blocks": round(share, 6)}
         ref_sess, ref = self.reference(source)
         logits = ort_logits(sess, self.texts)
         spread = float(ref.max() - ref.min()) if ref.size else 0.0
@@ -234,6 +269,7 @@ class Builder:
             "device": "cpu",
             "precision": "int8",
             "source": source.name,
+            **sparse,
             "providers": sess.get_providers(),
             "size_mb": size_mb(source),
             "build_seconds": round(seconds, 3),
@@ -394,7 +430,7 @@ def build_engines(
     engine that is skipped or fails."""
     builder = Builder(quantized, folder, texts, p, rt)
     builder.cpu_engines()
-    builder.kernels_engine()
+    builder.kernels_engine(p.kernels_sparse_block)
     builder.gpu_engines()
     if builder.failures:
         raise StageError(f"build.require_gpu: {builder.failures[0]}")

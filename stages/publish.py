@@ -609,6 +609,7 @@ def runtime_record(engine: Engine | None, session_options: dict[str, Any] | None
         outputs=["logits"],
         session_options=options,
         max_length=max_length,
+        block=engine.block if engine and backend == "kernels" else None,
     )
 
 

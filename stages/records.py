@@ -140,6 +140,8 @@ class Engine(Record):
     device: str | None = optional()  # cpu, or "cuda: <GPU name>"
     file: str | None = optional()  # relative to build's output folder
     source: str | None = optional()  # the ONNX file it was made from, when not the engine file itself
+    block: list[int] | None = optional()  # kernels_int8_sparse: the block shape its layers are packed in
+    zero_blocks: float | None = optional()  # and the share of those blocks that are zero (skipped)
     size_mb: float | None = optional()
     fused_operators: dict[str, int] | None = optional()
     providers: list[str] | None = optional()

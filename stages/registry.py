@@ -75,6 +75,7 @@ class RuntimeRecord(Record):
     outputs: list[str]
     session_options: dict[str, Any] | None = optional()  # ONNX Runtime only
     max_length: int | None = optional()  # tokens per text the model was measured with (versions from 2026-12-04)
+    block: list[int] | None = optional()  # backend kernels: the block-sparse packing benchmark measured (None: dense)
 
 
 @dataclasses.dataclass(frozen=True)

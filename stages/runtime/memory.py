@@ -34,7 +34,7 @@ def _run_onnx(spec: dict[str, Any]) -> None:
     if spec["kind"] == "kernels":  # the compiled operators of kernels/ on the same ONNX file
         from distillery_kernels.engine import EngineSession
 
-        sess = EngineSession(Path(spec["path"]), spec["threads"])
+        sess = EngineSession(Path(spec["path"]), spec["threads"], block=spec.get("block"))
     else:
         from stages.runtime.sessions import session
 

@@ -23,11 +23,13 @@ MAX_LENGTH = 16
 
 
 def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODEL, bigger: bool = False,
-                 reject: Any = None, stats: Any = None, backend: str = "onnxruntime") -> Path:  # fmt: skip
+                 reject: Any = None, stats: Any = None, backend: str = "onnxruntime",
+                 block: list[int] | None = None) -> Path:  # fmt: skip
     """A version as publish writes it: INT8 model.onnx, runtime.json, tokenizer/, labels.json, SHA256SUMS, index.
     `bigger`: 4 layers of width 128 reading 64 tokens (a model slow enough to keep a queue full for a while);
     `reject`: a RejectRecord written as reject.json (`stats`: its MahalanobisStats, as reject.safetensors);
-    `backend` "kernels": the same INT8 model, for the compiled operators of kernels/ (as publish ships kernels_int8)."""
+    `backend` "kernels": the same INT8 model, for the compiled operators of kernels/ (as publish ships kernels_int8;
+    with `block`, packed block-sparse as kernels_int8_sparse)."""
     import json
     import tempfile
 
@@ -47,7 +49,7 @@ def publish_tiny(registry: Path, version: str, seed: int, model_name: str = MODE
                                providers=["CPUExecutionProvider"] if ort else ["distillery_kernels:avx512_vnni"],
                                inputs=["input_ids", "attention_mask"], outputs=["logits"],
                                session_options=session_options_record(2) if ort else None,
-                               max_length=64 if bigger else MAX_LENGTH)  # fmt: skip
+                               max_length=64 if bigger else MAX_LENGTH, block=block)  # fmt: skip
         model_dir = registry / model_name
         with locked(model_dir), Draft(model_dir) as draft:
             draft.add("model.onnx", int8)

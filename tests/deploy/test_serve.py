@@ -360,6 +360,11 @@ def test_a_version_for_the_compiled_operators_serves_the_same_answers(registry, 
     on_ort = load(registry, f"{MODEL}@1.0.0").classify(texts, 1)
     on_kernels = load(registry, "kernels-intent@1.0.0").classify(texts, 1)
     assert [p.label for p in on_kernels] == [p.label for p in on_ort]
+    # kernels_int8_sparse's version: runtime.json's block packs the layers block-sparse, with the same bytes out
+    publish_tiny(registry, "1.0.0", seed=0, model_name="kernels-sparse", backend="kernels", block=[4, 16])
+    sparse = load(registry, "kernels-sparse@1.0.0")
+    assert sparse.record.block == [4, 16]
+    assert sparse.logits(texts).tobytes() == load(registry, "kernels-intent@1.0.0").logits(texts).tobytes()
     s = Server(registry, spec="kernels-intent").wait_ready()
     try:
         r = httpx.post(f"{s.url}/v1/classify", json={"texts": texts}, timeout=30)

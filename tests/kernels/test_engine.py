@@ -66,6 +66,23 @@ def test_a_query_gets_the_same_bytes_alone_in_a_batch_and_on_a_rerun(quantized, 
     assert Engine.from_onnx(quantized[0]).run(ids, mask)[0].tobytes() == together.tobytes()
 
 
+def test_a_block_sparse_student_runs_block_sparse_with_the_dense_engines_bytes(tmp_path, batches):
+    """prune.magnitude_block's zero blocks survive export and INT8 quantization, and the engine packed
+    block-sparse skips them: the same logits, bit for bit, as the dense packing of the same file."""
+    from stages.prune import apply_masks, encoder_matrices
+
+    model, tok = tiny_teacher(seed=4, heads=4)
+    apply_masks(encoder_matrices(model), 0.6, (4, 16))
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    assert export_onnx(model, tok, fp32, 18) == "canonical"
+    quantize_dynamic_int8(fp32, int8, per_channel=True)
+    dense, sparse = Engine.from_onnx(int8), Engine.from_onnx(int8, block=(4, 16))
+    assert dense.zero_blocks == 0.0 and sparse.zero_blocks == pytest.approx(0.6, abs=0.05)
+    for ids, mask in batches:
+        for got, want in zip(sparse.run(ids, mask), dense.run(ids, mask), strict=True):
+            assert got.tobytes() == want.tobytes()
+
+
 def test_a_model_it_cannot_run_and_inputs_out_of_range_are_named(quantized, tmp_path):
     import onnx
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from stages import build, fingerprint, quantize
 from stages.model.encoder import TokenizedTexts, load_tokenizer
 from stages.records import BuildManifest
-from stages.runner.errors import StageError
+from stages.runner.errors import ParamError, StageError
 from stages.runtime.settings import RuntimeParams
 from tests.stages.tiny import write_stage_inputs
 
@@ -192,3 +192,28 @@ def test_the_kernels_engine_is_held_to_onnx_runtime_and_skipped_with_the_reason(
     (tmp_path / "c").mkdir()
     manifest, _ = build.build_engines(q, tmp_path / "c", texts, build.BuildParams(gpu=(), latency_runs=5), rt, "abc")
     assert manifest.engines["kernels_int8"].reason == "no compiler at install"
+
+
+def test_the_block_sparse_kernels_engine_needs_zero_blocks_and_matches_the_dense_one(quantized, tmp_path):
+    """kernels_int8_sparse: off without build.kernels_sparse_block; skipped (saying the share) on a dense student;
+    where built, the dense kernels engine's results (the same products, zero blocks skipped)."""
+    q = quantized / "data/07_quantize"
+    texts = TokenizedTexts(load_tokenizer(q / "tokenizer"), ["where is my parcel", "refund my money"], 16)
+    rt = RuntimeParams(max_length=16)
+    (tmp_path / "a").mkdir()
+    manifest, _ = build.build_engines(q, tmp_path / "a", texts, build.BuildParams(gpu=(), latency_runs=5), rt, "abc")
+    assert "build.kernels_sparse_block is null" in manifest.engines["kernels_int8_sparse"].reason
+    (tmp_path / "b").mkdir()
+    blocks = build.BuildParams(gpu=(), latency_runs=5, kernels_sparse_block=[4, 16])
+    manifest, _ = build.build_engines(q, tmp_path / "b", texts, blocks, rt, "abc")
+    sparse = manifest.engines["kernels_int8_sparse"]
+    assert sparse.status == "skipped" and "0.0% of the INT8 layers' 4x16 weight blocks are zero" in sparse.reason
+    (tmp_path / "c").mkdir()
+    anyway = build.BuildParams(gpu=(), latency_runs=5, kernels_sparse_block=[8, 32], kernels_sparse_min_zero_blocks=0.0)
+    manifest, timings = build.build_engines(q, tmp_path / "c", texts, anyway, rt, "abc")
+    sparse, dense = manifest.engines["kernels_int8_sparse"], manifest.engines["kernels_int8"]
+    assert sparse.built and sparse.block == [8, 32] and sparse.zero_blocks == 0.0
+    assert sparse.parity == dense.parity and "kernels_int8_sparse" in timings["engines"]
+    assert BuildManifest.from_dict(manifest.to_dict()) == manifest
+    with pytest.raises(ParamError, match=r"build.kernels_sparse_block must be null or \[block_k, block_n\]"):
+        build.BuildParams(kernels_sparse_block=[4, 8])

@@ -32,7 +32,15 @@ from stages.publish import (
     runtime_record,
     weakest_label_line,
 )
-from stages.records import BenchmarkResults, BenchmarkTimings, Latency, Percentiles, VariantResult, VariantTiming
+from stages.records import (
+    BenchmarkResults,
+    BenchmarkTimings,
+    Engine,
+    Latency,
+    Percentiles,
+    VariantResult,
+    VariantTiming,
+)
 from stages.registry import (
     Draft,
     RegistryError,
@@ -163,6 +171,10 @@ def test_model_card_and_runtime_record_from_records_alone():
         options,
         64,
     )
+    assert runtime.block is None
+    sparse = Engine(status="built", backend="kernels", precision="int8", device="cpu", source="model.int8.onnx",
+                    block=[16, 16], zero_blocks=0.7, providers=["distillery_kernels:avx512_vnni"])  # fmt: skip
+    assert runtime_record(sparse, options, "kernels_int8_sparse").block == [16, 16]
     gates = {"min_accuracy": {"limit": 0.8, "measured": 0.9, "passed": True}}
     ingest = {"sources": [{"uri": "data/sample/train.csv", "role": "train", "rows": 10}], "rows": {"train": 10}}
     git_state = {"commit": "abc", "modified": []}
