@@ -55,7 +55,7 @@ from stages.model.encoder import TokenizedTexts, load_tokenizer
 from stages.records import BuildManifest, Engine
 from stages.runner.cli import read_frames, require, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError, StageError
-from stages.runner.params import read_params
+from stages.runner.params import block_shape, read_params
 from stages.runtime.onnx import (
     batched_logits,
     fuse_for_ort,
@@ -105,15 +105,9 @@ class BuildParams:
         for key in ("parity_rows", "max_batch", "max_len", "opt_batch", "opt_len", "workspace_mb", "latency_runs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"build.{key} must be a positive integer, got {getattr(self, key)!r}")
-        block = self.kernels_sparse_block
-        if block is not None:
-            if (not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) for b in block)
-                    or block[0] < 4 or block[0] % 4 or block[1] not in (16, 32, 64)):  # fmt: skip
-                raise ParamError(
-                    "build.kernels_sparse_block must be null or [block_k, block_n] with block_k a positive multiple "
-                    f"of 4 and block_n 16, 32 or 64, got {block!r}"
-                )
-            object.__setattr__(self, "kernels_sparse_block", (int(block[0]), int(block[1])))
+        object.__setattr__(
+            self, "kernels_sparse_block", block_shape(self.kernels_sparse_block, "build.kernels_sparse_block")
+        )
         for key in ("kernels_min_agreement", "kernels_max_logit_share", "kernels_sparse_min_zero_blocks"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ParamError(f"build.{key} must be in [0, 1], got {getattr(self, key)!r}")

@@ -35,7 +35,7 @@ from stages.model.evaluation import evaluate
 from stages.model.training import OptimParams, TrainingParams, is_main_process, make_deterministic
 from stages.runner.cli import read_frames, stage_args, stage_entrypoint
 from stages.runner.errors import ParamError
-from stages.runner.params import from_dict, read_params
+from stages.runner.params import block_shape, from_dict, read_params
 from stages.runner.tracking import EpochTracker
 from stages.storage.atomic import outputs
 
@@ -60,15 +60,7 @@ class PruneParams:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ParamError(f"prune.{key} must be a share in [0, 1), got {value!r}")
-        block = self.magnitude_block
-        if block is not None:
-            if (not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) for b in block)
-                    or block[0] < 4 or block[0] % 4 or block[1] not in (16, 32, 64)):  # fmt: skip
-                raise ParamError(
-                    "prune.magnitude_block must be null or [block_k, block_n] with block_k a positive multiple of 4 "
-                    f"and block_n 16, 32 or 64, got {block!r}"
-                )
-            object.__setattr__(self, "magnitude_block", (int(block[0]), int(block[1])))
+        object.__setattr__(self, "magnitude_block", block_shape(self.magnitude_block, "prune.magnitude_block"))
         for key in ("min_heads_per_layer", "min_ffn_per_layer", "importance_batches"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"prune.{key} must be a positive integer, got {getattr(self, key)!r}")

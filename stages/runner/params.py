@@ -95,3 +95,17 @@ def check_types(cls: type, values: dict[str, Any], section: str) -> None:
 def read_params(cls: type[T], section: str, params_file: str | Path) -> T:
     """`params.yaml[section]` as its validated dataclass (the one way stages read params)."""
     return from_dict(cls, load_section(section, params_file), section)
+
+
+def block_shape(value: Any, name: str) -> tuple[int, int] | None:
+    """A block of the block-sparse INT8 kernels (kernels/), as params give it: null, or [block_k, block_n] with
+    block_k a positive multiple of 4 and block_n 16, 32 or 64; a ParamError names `name` otherwise."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(type(b) is int for b in value)
+            or value[0] < 4 or value[0] % 4 or value[1] not in (16, 32, 64)):  # fmt: skip
+        raise ParamError(
+            f"{name} must be null or [block_k, block_n] with block_k a positive multiple of 4 and block_n 16, 32 "
+            f"or 64, got {value!r}"
+        )
+    return int(value[0]), int(value[1])
