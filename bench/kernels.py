@@ -1,6 +1,7 @@
 """The compiled operators (kernels/) against ONNX Runtime's at the student's shapes, on 1 and 2 threads.
 
-    python bench/kernels.py [--runs 2000] [--tokens 13] [--batch 32] [--run DIR] [--json FILE] [--sparse-only]
+    python bench/kernels.py [--runs 2000] [--tokens 13] [--batch 32] [--run DIR [--block 16x64]] [--json FILE]
+                            [--sparse-only | --model-only]
 
 One table per batch (1 query of `--tokens` tokens, the Banking77 test median; and `--batch` such queries): each
 operator of a transformer layer (hidden 384, 12 heads of 32, feed-forward 1536), ours against the ONNX Runtime
@@ -16,8 +17,11 @@ Then the block-sparse INT8 linear against the dense one at the feed-forward's sh
 
 With `--run DIR` (a project folder whose `quantize` and `build` stages ran, e.g. a `bench/banking77.py --keep`
 folder) a third table: the whole student on the kernels engine (distillery_kernels.engine, from quantize's INT8
-model) against ONNX Runtime's fused INT8 engine from `build`, at batch 1 (the test queries, cycled) and batch
-`--batch`, on 1 and 2 threads, with the engine's agreement and largest logit difference on the validation split.
+model) against ONNX Runtime's fused INT8 engine from `build`, on 1 and 2 threads: at batch 1 (the test queries,
+cycled) and at batch `--batch` twice, of queries sorted by length (little padding) and of queries in test order (as
+a server batches them: padded to the longest, and the engine computes real tokens only); with the engine's
+agreement and largest logit difference on the validation split. `--block 16x64` adds the block-sparse engine over
+the same INT8 model (for a student `prune.magnitude_block` pruned; `--model-only`: just this table).
 
 Everything is timed side by side in interleaved rounds in one process (read the ratios, not the microseconds: this
 machine is noisy). The INT8 linears also show the share of the machine's INT8 peak they reach, measured here by a
@@ -223,8 +227,9 @@ def print_table(title: str, rows: list[dict]) -> None:
             print(f"{'  (ORT SkipLayerNorm)':<24}{'':<26}{fused}")
 
 
-def whole_model(run: Path, batch: int, runs: int) -> dict:
-    """The student on the engine against ONNX Runtime's fused INT8 engine: p50 ms per call, and parity."""
+def whole_model(run: Path, batch: int, runs: int, block: tuple[int, int] | None) -> dict:
+    """The student on the engine (and block-sparse, with `block`) against ONNX Runtime's fused INT8 engine: p50 ms
+    per call at batch 1, at `batch` of similar lengths and at `batch` as queries arrive; and parity."""
     import polars as pl
     from transformers import AutoTokenizer
 
@@ -236,7 +241,9 @@ def whole_model(run: Path, batch: int, runs: int) -> dict:
     for path in (int8, fused):
         if not path.is_file():
             raise SystemExit(f"bench/kernels: {path} not found: run `dvc repro build` in {run} first")
-    engine = Engine.from_onnx(int8)
+    engines = {"ours": Engine.from_onnx(int8)}
+    if block:
+        engines["sparse"] = Engine.from_onnx(int8, block)
     tokenizer = AutoTokenizer.from_pretrained(str(run / "data/07_quantize/tokenizer"))
 
     def tokenized(split: str) -> TokenizedTexts:
@@ -246,19 +253,65 @@ def whole_model(run: Path, batch: int, runs: int) -> dict:
     pairs = lambda rows: [(f["input_ids"], f["attention_mask"]) for f in rows]  # noqa: E731
     singles = pairs(feeds(test.batch([i])) for i in range(len(test)))
     order = np.argsort(test.lengths, kind="stable")
-    batches = pairs(feeds(test.batch(order[s : s + batch])) for s in range(0, len(test) - batch + 1, batch))
-    parity = agreement(engine, session(int8, 2), pairs(feeds(val.batch(list(range(s, min(s + 64, len(val))))))
-                                                       for s in range(0, len(val), 64)))  # fmt: skip
-    out = {"parity": parity}
-    for label, inputs, n in (("batch_1", singles, runs), (f"batch_{batch}", batches, max(100, runs // 10))):
+    starts = range(0, len(test) - batch + 1, batch)
+    sorted_ = pairs(feeds(test.batch(order[s : s + batch])) for s in starts)
+    arrival = pairs(feeds(test.batch(list(range(s, s + batch)))) for s in starts)
+    val_batches = pairs(feeds(val.batch(list(range(s, min(s + 64, len(val)))))) for s in range(0, len(val), 64))
+    out = {"parity": {name: agreement(e, session(int8, 2), val_batches) for name, e in engines.items()},
+           "zero_blocks": engines["sparse"].zero_blocks if block else 0.0,
+           "padding": {"sorted": padding(sorted_), "arrival": padding(arrival)}}  # fmt: skip
+    cases = (("batch_1", singles, runs), (f"batch_{batch}_sorted", sorted_, max(100, runs // 10)),
+             (f"batch_{batch}_arrival", arrival, max(100, runs // 10)))  # fmt: skip
+    for label, inputs, n in cases:
         fns = {}
         for t in THREADS:
             sess = session(fused, t)
             fns[f"ort|{t}"] = lambda a, s=sess: s.run(["logits"], {"input_ids": a[0], "attention_mask": a[1]})
-            fns[f"ours|{t}"] = lambda a, t=t: (kernels.set_threads(t), engine.run(*a))
+            for name, engine in engines.items():
+                fns[f"{name}|{t}"] = lambda a, t=t, e=engine: (kernels.set_threads(t), e.run(*a))
         samples = side_by_side(fns, inputs, n, rounds=8, warmup=20)
         out[label] = {key: round(percentiles(v)["p50"], 4) for key, v in samples.items()}
     return out
+
+
+def padding(batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The share of a batch's [batch, seq] slots that are padding: work ORT does and the engine skips."""
+    return 1.0 - sum(int(m.sum()) for _, m in batches) / sum(m.size for _, m in batches)
+
+
+def ratio(row: dict, name: str, threads: int) -> str:
+    ours, ort = row[f"{name}|{threads}"], row[f"ort|{threads}"]
+    return f"{ours:>10.3f}{ort / ours:>8.2f}x"
+
+
+def print_whole_model(run: Path, batch: int, model: dict) -> None:
+    names = [n for n in ("ours", "sparse") if f"{n}|1" in model["batch_1"]]
+    print(f"\nwhole student ({run}): kernels engine vs ONNX Runtime's fused INT8 engine, p50 ms per call;"
+          f" speedup = ORT / ours" + (f"; sparse: block-sparse engine, {100 * model['zero_blocks']:.1f}% zero blocks"
+                                       if "sparse" in names else ""))  # fmt: skip
+    head = "".join(f"{f'ORT {t}t':>9}" + "".join(f"{f'{n} {t}t':>10}{'speedup':>9}" for n in names) for t in THREADS)
+    print(f"{'batch':<14}{head}")
+    for label in ("batch_1", f"batch_{batch}_sorted", f"batch_{batch}_arrival"):
+        row = model[label]
+        cells = "".join(f"{row[f'ort|{t}']:>9.3f}" + "".join(ratio(row, n, t) for n in names) for t in THREADS)
+        print(f"{label.replace('batch_', ''):<14}{cells}")
+    pad = model["padding"]
+    print(
+        f"padding: {100 * pad['sorted']:.1f}% of the slots in batches of similar lengths (sorted), "
+        f"{100 * pad['arrival']:.1f}% as queries arrive (test order); the engine computes real tokens only"
+    )
+    for name, parity in model["parity"].items():
+        share = 100 * parity["max_rel_logit_diff"]
+        print(f"parity on validation ({name}): agreement {parity['agreement']:.4f}, max |logit diff| "
+              f"{parity['max_abs_logit_diff']:.4f} ({share:.2f}% of the logit range)")  # fmt: skip
+
+
+def block_arg(text: str) -> tuple[int, int]:
+    try:
+        bk, bn = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--block takes BKxBN, e.g. 16x64; got {text!r}") from None
+    return bk, bn
 
 
 def main() -> int:
@@ -269,41 +322,33 @@ def main() -> int:
     ap.add_argument("--run", type=Path, help="also time the whole student of this project folder (after build)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--sparse-only", action="store_true", help="only the block-sparse table")
+    ap.add_argument("--model-only", action="store_true", help="only the whole-student table (needs --run)")
+    ap.add_argument("--block", type=block_arg, help="with --run: also the block-sparse engine, e.g. 16x64")
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit(f"bench/kernels: {kernels.unavailable_reason()}")
     print(f"bench/kernels: code path {kernels.isa()}; {args.runs} calls per operator; times are p50 microseconds;"
           " speedup = ORT / ours on the same threads", flush=True)  # fmt: skip
     results = {}
+    if args.model_only and not args.run:
+        raise SystemExit("bench/kernels: --model-only needs --run DIR")
     shapes = ((1, args.runs), (args.batch, max(200, args.runs // 10)))
-    for batch, runs in () if args.sparse_only else shapes:
+    for batch, runs in () if args.sparse_only or args.model_only else shapes:
         rows = measure(batch, args.tokens, runs)
         results[f"batch_{batch}"] = rows
         print_table(f"batch {batch} x {args.tokens} tokens ({batch * args.tokens} rows)", rows)
-    if not args.sparse_only:
+    if not (args.sparse_only or args.model_only):
         one = {row["op"]: row for row in results["batch_1"]}
         print("\nINT8 linear, ours on 2 threads vs 1 at one query's rows (target >= 1.7x): " + ", ".join(
             f"{name} {one[name]['scaling']:.2f}x" for name in LINEARS))  # fmt: skip
-    for batch, runs in shapes:
+    for batch, runs in () if args.model_only else shapes:
         rows = measure_sparse(batch, args.tokens, max(100, runs // 4))
         results[f"sparse_batch_{batch}"] = rows
         print_sparse(f"block-sparse INT8 linear, batch {batch} x {args.tokens} tokens", rows)
     if args.run:
-        model = whole_model(args.run, args.batch, args.runs)
+        model = whole_model(args.run, args.batch, args.runs, args.block)
         results["whole_model"] = model
-        print(f"\nwhole student ({args.run}): kernels engine vs ONNX Runtime's fused INT8 engine, p50 ms per call")
-        print(f"{'batch':<10}" + "".join(f"{f'ours {t}t':>10}{f'ORT {t}t':>10}{'speedup':>9}" for t in THREADS))
-        for label in ("batch_1", f"batch_{args.batch}"):
-            row = model[label]
-            cells = "".join(
-                f"{row[f'ours|{t}']:>10.3f}{row[f'ort|{t}']:>10.3f}{row[f'ort|{t}'] / row[f'ours|{t}']:>8.2f}x"
-                for t in THREADS
-            )
-            print(f"{label.replace('batch_', ''):<10}{cells}")
-        parity = model["parity"]
-        share = 100 * parity["max_rel_logit_diff"]
-        print(f"parity on validation: agreement {parity['agreement']:.4f}, max |logit diff| "
-              f"{parity['max_abs_logit_diff']:.4f} ({share:.2f}% of the logit range)")  # fmt: skip
+        print_whole_model(args.run, args.batch, model)
     if args.json:
         args.json.write_text(json.dumps({"isa": kernels.isa(), "tokens": args.tokens, **results}, indent=2) + "\n")
     kernels.set_threads(1)

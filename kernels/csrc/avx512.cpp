@@ -335,26 +335,28 @@ static void attention_queries(const float* q, const float* v, int ld, const int6
     }
 }
 
-void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
-               int head_dim, int task0, int task1, float* out, int ldo) {
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq,
+               const int* offsets, int heads, int head_dim, int task0, int task1, float* out, int ldo) {
     constexpr int kQueries = 4;
-    const int sp = (seq + 15) / 16 * 16;
-    std::vector<float> p(static_cast<size_t>(kQueries) * sp), kt(static_cast<size_t>(head_dim) * sp, 0.0f);
+    const int widest = (seq + 15) / 16 * 16;
+    std::vector<float> p(static_cast<size_t>(kQueries) * widest), kt(static_cast<size_t>(head_dim) * widest, 0.0f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     for (int task = task0; task < task1; ++task) {
         const int b = task / heads, h = task % heads;
-        const size_t base = static_cast<size_t>(b) * seq;
-        const int64_t* m = mask + base;
-        transpose_keys(k, ld, base, seq, h, head_dim, sp, kt.data());
+        const size_t base = offsets ? static_cast<size_t>(offsets[b]) : static_cast<size_t>(b) * seq;
+        const int len = offsets ? offsets[b + 1] - offsets[b] : seq;
+        const int sp = (len + 15) / 16 * 16;
+        const int64_t* m = offsets ? mask : mask + base;
+        transpose_keys(k, ld, base, len, h, head_dim, sp, kt.data());
         const float* vh = v + base * ld + h * head_dim;
-        for (int i = 0; i < seq; i += kQueries) {
+        for (int i = 0; i < len; i += kQueries) {
             const float* qi = q + (base + i) * ld + h * head_dim;
             float* y = out + (base + i) * ldo + h * head_dim;
-            switch (std::min(kQueries, seq - i)) {
-                case 1: attention_queries<1>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
-                case 2: attention_queries<2>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
-                case 3: attention_queries<3>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
-                default: attention_queries<4>(qi, vh, ld, m, seq, sp, head_dim, kt.data(), p.data(), scale, y, ldo);
+            switch (std::min(kQueries, len - i)) {
+                case 1: attention_queries<1>(qi, vh, ld, m, len, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
+                case 2: attention_queries<2>(qi, vh, ld, m, len, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
+                case 3: attention_queries<3>(qi, vh, ld, m, len, sp, head_dim, kt.data(), p.data(), scale, y, ldo); break;
+                default: attention_queries<4>(qi, vh, ld, m, len, sp, head_dim, kt.data(), p.data(), scale, y, ldo);
             }
         }
     }

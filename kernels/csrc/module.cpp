@@ -456,14 +456,15 @@ void layernorm_into(const float* x, const float* residual, const float* gamma, c
     });
 }
 
+// `offsets` null: padded [batch, seq] rows under `mask`; else packed sequences (see ops.h).
 void attention_into(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int batch, int seq,
-                    int heads, int head_dim, float* out, int ldo) {
+                    const int* offsets, int heads, int head_dim, float* out, int ldo) {
     const bool fast = use_avx512();
     pool().run(batch * heads, [&](int t0, int t1) {
         if (fast)
-            avx512::attention(q, k, v, ld, mask, seq, heads, head_dim, t0, t1, out, ldo);
+            avx512::attention(q, k, v, ld, mask, seq, offsets, heads, head_dim, t0, t1, out, ldo);
         else
-            portable::attention(q, k, v, ld, mask, seq, heads, head_dim, t0, t1, out, ldo);
+            portable::attention(q, k, v, ld, mask, seq, offsets, heads, head_dim, t0, t1, out, ldo);
     });
 }
 
@@ -512,7 +513,7 @@ py::array_t<float> attention(const Array<float>& q, const Array<float>& k, const
     const int64_t* mp = mask.data();
     {
         py::gil_scoped_release release;
-        attention_into(qp, kp, vp, width, mp, batch, seq, heads, width / heads, out, width);
+        attention_into(qp, kp, vp, width, mp, batch, seq, nullptr, heads, width / heads, out, width);
     }
     return y;
 }
@@ -594,8 +595,25 @@ class Model {
         std::vector<float> g1, b1, g2, b2;
     };
 
+    // Padding is dropped first: only real tokens (mask != 0) are rows of the linears, LayerNorms and attention,
+    // packed sequence after sequence in their order. Every operator works row by row (per-row activation scales,
+    // exact INT32 sums) and attention sums a sequence's keys in order, so each real token's values are the bits
+    // the padded [batch, seq] layout gives; a batch of queries of mixed lengths costs the tokens it holds.
     void forward(const int64_t* ids, const int64_t* mask, int batch, int seq, float* logits, float* pooled) const {
-        const int rows = batch * seq, w = width_;
+        const int w = width_;
+        thread_local std::vector<int> offsets, slots;
+        thread_local std::vector<int64_t> ones;
+        offsets.assign(static_cast<size_t>(batch) + 1, 0);
+        slots.clear();
+        int longest = 0;
+        for (int b = 0; b < batch; ++b) {
+            for (int t = 0; t < seq; ++t)
+                if (mask[static_cast<size_t>(b) * seq + t]) slots.push_back(b * seq + t);
+            offsets[b + 1] = static_cast<int>(slots.size());
+            longest = std::max(longest, offsets[b + 1] - offsets[b]);
+        }
+        ones.assign(static_cast<size_t>(longest), 1);
+        const int rows = static_cast<int>(slots.size());
         thread_local std::vector<float> x, r, qkv, ctx, h;
         int widest = 0, inner = 0;
         for (const Layer& l : layers_) {
@@ -608,34 +626,34 @@ class Model {
         ctx.resize(static_cast<size_t>(rows) * inner);
         h.resize(static_cast<size_t>(rows) * std::max(widest, w));
         for (int row = 0; row < rows; ++row) {
-            std::memcpy(x.data() + static_cast<size_t>(row) * w, words_.data() + static_cast<size_t>(ids[row]) * w,
+            const int slot = slots[row];
+            std::memcpy(x.data() + static_cast<size_t>(row) * w, words_.data() + static_cast<size_t>(ids[slot]) * w,
                         w * sizeof(float));
             std::memcpy(r.data() + static_cast<size_t>(row) * w,
-                        positions_.data() + static_cast<size_t>(row % seq) * w, w * sizeof(float));
+                        positions_.data() + static_cast<size_t>(slot % seq) * w, w * sizeof(float));
         }
-        layernorm_into(x.data(), r.data(), gamma_.data(), beta_.data(), eps_, rows, w, x.data());
-        for (const Layer& l : layers_) {
-            const int in = l.heads * head_dim_;
-            linear_into(x.data(), rows, *l.qkv, false, qkv.data());
-            attention_into(qkv.data(), qkv.data() + in, qkv.data() + 2 * in, 3 * in, mask, batch, seq, l.heads,
-                           head_dim_, ctx.data(), in);
-            linear_into(ctx.data(), rows, *l.out, false, r.data());
-            layernorm_into(r.data(), x.data(), l.g1.data(), l.b1.data(), eps_, rows, w, x.data());
-            linear_into(x.data(), rows, *l.ffn1, true, h.data());
-            linear_into(h.data(), rows, *l.ffn2, false, r.data());
-            layernorm_into(r.data(), x.data(), l.g2.data(), l.b2.data(), eps_, rows, w, x.data());
+        if (rows > 0) {
+            layernorm_into(x.data(), r.data(), gamma_.data(), beta_.data(), eps_, rows, w, x.data());
+            for (const Layer& l : layers_) {
+                const int in = l.heads * head_dim_;
+                linear_into(x.data(), rows, *l.qkv, false, qkv.data());
+                attention_into(qkv.data(), qkv.data() + in, qkv.data() + 2 * in, 3 * in, ones.data(), batch, longest,
+                               offsets.data(), l.heads, head_dim_, ctx.data(), in);
+                linear_into(ctx.data(), rows, *l.out, false, r.data());
+                layernorm_into(r.data(), x.data(), l.g1.data(), l.b1.data(), eps_, rows, w, x.data());
+                linear_into(x.data(), rows, *l.ffn1, true, h.data());
+                linear_into(h.data(), rows, *l.ffn2, false, r.data());
+                layernorm_into(r.data(), x.data(), l.g2.data(), l.b2.data(), eps_, rows, w, x.data());
+            }
         }
         for (int b = 0; b < batch; ++b) {
             float* y = pooled + static_cast<size_t>(b) * w;
             std::fill(y, y + w, 0.0f);
-            float count = 0.0f;
-            for (int t = 0; t < seq; ++t) {
-                if (!mask[static_cast<size_t>(b) * seq + t]) continue;
-                const float* xr = x.data() + (static_cast<size_t>(b) * seq + t) * w;
+            for (int row = offsets[b]; row < offsets[b + 1]; ++row) {
+                const float* xr = x.data() + static_cast<size_t>(row) * w;
                 for (int i = 0; i < w; ++i) y[i] += xr[i];
-                count += 1.0f;
             }
-            const float div = std::max(count, 1.0f);
+            const float div = static_cast<float>(std::max(offsets[b + 1] - offsets[b], 1));
             for (int i = 0; i < w; ++i) y[i] = y[i] / div;
         }
         linear_into(pooled, batch, *head_, false, logits);

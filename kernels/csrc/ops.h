@@ -70,6 +70,11 @@ struct GemmArgs {
     bool gelu;
 };
 
+// attention(): one task per (sequence, head), tasks [task0, task1). Without `offsets`, sequence b is rows
+// [b * seq, (b + 1) * seq) and mask[b * seq + j] says whether key j is a real token. With `offsets` (batch + 1
+// ascending row indices), sequence b is the packed rows [offsets[b], offsets[b + 1]), all real, `seq` is the
+// longest of them and `mask` holds `seq` ones: the layout the engine uses, padding dropped.
+
 // Scalar helpers both paths use for the same arithmetic (the vector code mirrors them lane by lane).
 inline float erf_approx(float x);
 inline float exp_approx(float x);
@@ -80,8 +85,8 @@ void gemm_tiles(const GemmArgs& g, int task0, int task1);  // tasks: panel-major
 void sparse_tiles(const GemmArgs& g, int task0, int task1);  // tasks: group-major (column group, 4-row tile)
 void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
                    int row0, int row1, int width, float* out);
-void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
-               int head_dim, int task0, int task1, float* out, int ldo);
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq,
+               const int* offsets, int heads, int head_dim, int task0, int task1, float* out, int ldo);
 }  // namespace portable
 
 namespace avx512 {
@@ -92,8 +97,8 @@ void gemm_tiles(const GemmArgs& g, int task0, int task1);
 void sparse_tiles(const GemmArgs& g, int task0, int task1);
 void add_layernorm(const float* x, const float* residual, const float* gamma, const float* beta, float eps,
                    int row0, int row1, int width, float* out);
-void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
-               int head_dim, int task0, int task1, float* out, int ldo);
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq,
+               const int* offsets, int heads, int head_dim, int task0, int task1, float* out, int ldo);
 }  // namespace avx512
 
 constexpr int kRowTile = 4;

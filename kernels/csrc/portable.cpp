@@ -138,17 +138,19 @@ void add_layernorm(const float* x, const float* residual, const float* gamma, co
 // One (batch row, head) per task: scores = q k^T / sqrt(d) over the unmasked keys, softmax, times v. The keys are
 // first transposed into kt[d][j], so a score is summed over d in order, all keys at once (the AVX-512 path takes
 // 16 keys per register in the same order).
-void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq, int heads,
-               int head_dim, int task0, int task1, float* out, int ldo) {
-    const int sp = (seq + 15) / 16 * 16;
-    std::vector<float> p(sp), kt(static_cast<size_t>(head_dim) * sp, 0.0f);
+void attention(const float* q, const float* k, const float* v, int ld, const int64_t* mask, int seq,
+               const int* offsets, int heads, int head_dim, int task0, int task1, float* out, int ldo) {
+    const int widest = (seq + 15) / 16 * 16;
+    std::vector<float> p(widest), kt(static_cast<size_t>(head_dim) * widest, 0.0f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     for (int task = task0; task < task1; ++task) {
         const int b = task / heads, h = task % heads;
-        const size_t base = static_cast<size_t>(b) * seq;
-        const int64_t* m = mask + base;
-        transpose_keys(k, ld, base, seq, h, head_dim, sp, kt.data());
-        for (int i = 0; i < seq; ++i) {
+        const size_t base = offsets ? static_cast<size_t>(offsets[b]) : static_cast<size_t>(b) * seq;
+        const int len = offsets ? offsets[b + 1] - offsets[b] : seq;
+        const int sp = (len + 15) / 16 * 16;
+        const int64_t* m = offsets ? mask : mask + base;
+        transpose_keys(k, ld, base, len, h, head_dim, sp, kt.data());
+        for (int i = 0; i < len; ++i) {
             const float* qi = q + (base + i) * ld + h * head_dim;
             for (int j = 0; j < sp; ++j) p[j] = 0.0f;
             for (int d = 0; d < head_dim; ++d) {
@@ -157,19 +159,19 @@ void attention(const float* q, const float* k, const float* v, int ld, const int
                 for (int j = 0; j < sp; ++j) p[j] += qd * row[j];
             }
             float hi = -INFINITY;
-            for (int j = 0; j < seq; ++j) {
+            for (int j = 0; j < len; ++j) {
                 p[j] = p[j] * scale;
                 if (m[j]) hi = std::max(hi, p[j]);
             }
             float total = 0.0f;
-            for (int j = 0; j < seq; ++j) {
+            for (int j = 0; j < len; ++j) {
                 p[j] = m[j] ? exp_approx(p[j] - hi) : 0.0f;
                 total += p[j];
             }
             const float inv = total > 0.0f ? 1.0f / total : 0.0f;
             float* y = out + (base + i) * ldo + h * head_dim;
             for (int d = 0; d < head_dim; ++d) y[d] = 0.0f;
-            for (int j = 0; j < seq; ++j) {
+            for (int j = 0; j < len; ++j) {
                 if (!m[j]) continue;
                 const float pj = p[j] * inv;  // the same product the AVX-512 path stores before its sums
                 const float* vj = v + (base + j) * ld + h * head_dim;

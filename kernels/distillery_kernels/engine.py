@@ -45,6 +45,7 @@ class Engine:
                  layers: list[Layer], head: Any, eps: float, head_dim: int):  # fmt: skip
         ops = kernels.require()
         self.layers, self.head_dim, self.num_labels, self.max_length = layers, head_dim, head.n, len(positions)
+        self.words, self.positions, self.norm, self.head, self.eps = words, positions, norm, head, eps
         # the forward pass runs in C++ (one call, the GIL released): between operators Python cost more than
         # the smaller operators themselves
         self.model = ops.Model(words, positions, norm[0], norm[1], eps, head_dim, head)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import distillery_kernels as kernels
 from stages.runtime.sessions import session
@@ -62,6 +63,60 @@ def test_the_script_prints_both_tables_and_writes_its_figures(tmp_path, monkeypa
     assert len(sparse) == 2 * len(bench.SPARSE_BLOCKS) * len(bench.SPARSITIES)
     # the zeroed share of blocks is drawn at random around each target
     assert all(abs(row["zero_blocks"] - row["sparsity"]) < 0.1 and row["sparse_2t_us"] > 0 for row in sparse)
+
+
+def test_the_whole_student_table_times_dense_and_sparse_engines_on_sorted_and_arrival_batches(
+    tmp_path, monkeypatch, capsys
+):
+    """`--run DIR --model-only --block`: a project folder as quantize and build leave it (a tiny student; its INT8
+    model stands in for the fused one ORT runs)."""
+    import shutil
+
+    import polars as pl
+
+    from stages.runtime.onnx import export_onnx, quantize_dynamic_int8
+    from tests.stages.tiny import dataset, tiny_teacher
+
+    quantize, engines, clean = (tmp_path / f"data/{d}" for d in ("07_quantize", "08_build/engines", "02_clean"))
+    for folder in (quantize, engines, clean):
+        folder.mkdir(parents=True)
+    model, tok = tiny_teacher(seed=4, heads=4)
+    export_onnx(model, tok, quantize / "model.onnx", 18)
+    quantize_dynamic_int8(quantize / "model.onnx", quantize / "model.int8.onnx", per_channel=True)
+    shutil.copy(quantize / "model.int8.onnx", engines / "onnxruntime_int8.onnx")
+    tok.save_pretrained(str(quantize / "tokenizer"))
+    for split, seed in (("test", 1), ("val", 2)):
+        rows = dataset(3, seed=seed)
+        longer = [text + " please now" * (i % 3) for i, text in enumerate(rows["text"])]  # mixed lengths
+        rows.with_columns(text=pl.Series(longer)).write_parquet(clean / f"{split}.parquet")
+    out = tmp_path / "kernels.json"
+    argv = ["kernels.py", "--model-only", "--run", str(tmp_path), "--block", "4x16", "--batch", "4", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(bench, "side_by_side", lambda fns, args, runs, rounds, warmup: _quick_over(fns, args))
+    assert bench.main() == 0
+    printed = capsys.readouterr().out
+    assert "batch 1 x" not in printed and "block-sparse INT8 linear" not in printed  # --model-only
+    assert "4_sorted" in printed and "4_arrival" in printed and "parity on validation (sparse)" in printed
+    model = json.loads(out.read_text())["whole_model"]
+    assert set(model["batch_4_arrival"]) == {f"{name}|{t}" for name in ("ort", "ours", "sparse") for t in (1, 2)}
+    assert model["parity"]["sparse"] == model["parity"]["ours"]  # a dense student: the same bytes, block-sparse
+    assert model["zero_blocks"] == 0.0 and 0.0 < model["padding"]["sorted"] < model["padding"]["arrival"] < 1.0
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--model-only", "--run", str(tmp_path), "--block", "16"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--block takes BKxBN, e.g. 16x64; got '16'" in capsys.readouterr().err
+
+
+def _quick_over(fns, inputs):
+    """Each function once over the first input (milliseconds), as side_by_side returns its samples."""
+    import time
+
+    samples = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn(inputs[0])
+        samples[name] = [(time.perf_counter() - start) * 1000.0]
+    return samples
 
 
 def _quick(fns):

@@ -66,6 +66,54 @@ def test_a_query_gets_the_same_bytes_alone_in_a_batch_and_on_a_rerun(quantized, 
     assert Engine.from_onnx(quantized[0]).run(ids, mask)[0].tobytes() == together.tobytes()
 
 
+def padded_forward(engine: Engine, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The student on the padded [batch, seq] layout, composed from the single operators in Python: what the
+    engine's packed forward (padding dropped) must equal bit for bit."""
+    ops, eps, inner = kernels.require(), engine.eps, lambda layer: layer.heads * engine.head_dim
+    batch, seq = ids.shape
+    x = ops.add_layernorm(engine.words[ids], np.ascontiguousarray(np.broadcast_to(engine.positions[:seq],
+                          (batch, seq, engine.words.shape[1]))), *engine.norm, eps)  # fmt: skip
+    for layer in engine.layers:
+        qkv = ops.linear(x, layer.qkv)
+        q, k, v = (np.ascontiguousarray(qkv[..., i * inner(layer) : (i + 1) * inner(layer)]) for i in range(3))
+        x = ops.add_layernorm(ops.linear(ops.attention(q, k, v, mask, layer.heads), layer.out), x, *layer.norm1, eps)
+        x = ops.add_layernorm(ops.linear(ops.linear(x, layer.ffn1, gelu=True), layer.ffn2), x, *layer.norm2, eps)
+    pooled = np.zeros((batch, x.shape[2]), np.float32)
+    for b in range(batch):
+        for t in range(seq):  # in order, one float32 add per token, as the engine sums
+            if mask[b, t]:
+                pooled[b] += x[b, t]
+        pooled[b] /= np.float32(max(int(mask[b].astype(bool).sum()), 1))
+    return ops.linear(pooled, engine.head), pooled
+
+
+@pytest.mark.parametrize("isa", ["portable", "auto"])
+def test_dropping_padding_gives_each_token_the_padded_layouts_bits(quantized, batches, isa):
+    """The engine computes real tokens only; right and left padding, holes and an empty row give the logits and
+    pooled vectors of the padded computation byte for byte, on both code paths and 1 or 2 threads."""
+    ids, mask = batches[0]
+    left = np.zeros_like(mask)
+    holes = mask.copy()
+    for b in range(len(mask)):
+        n = int(mask[b].sum())
+        left[b, mask.shape[1] - n :] = 1
+        holes[b, 1:n:3] = 0
+    holes[-1] = 0  # a row with no token at all
+    engine = Engine.from_onnx(quantized[0])
+    kernels.set_isa(isa)
+    try:
+        for threads in (1, 2):
+            kernels.set_threads(threads)
+            for m in (mask, left, holes):
+                logits, pooled = engine.run(ids, m)
+                want_logits, want_pooled = padded_forward(engine, ids, m)
+                assert pooled.tobytes() == want_pooled.tobytes()
+                assert logits.tobytes() == want_logits.tobytes()
+    finally:
+        kernels.set_isa("auto")
+        kernels.set_threads(1)
+
+
 def test_a_block_sparse_student_runs_block_sparse_with_the_dense_engines_bytes(tmp_path, batches):
     """prune.magnitude_block's zero blocks survive export and INT8 quantization, and the engine packed
     block-sparse skips them: the same logits, bit for bit, as the dense packing of the same file."""
