@@ -128,74 +128,85 @@ static inline void store_tile(const GemmArgs& g, int n, const int32_t* colsum, c
     }
 }
 
-template <int MR, int NB>
-static void tile(const GemmArgs& g, int panel, int r0) {
-    const QuantRows& a = *g.a;
-    const Packed& w = *g.w;
-    const int8_t* b = w.panel_data(panel);
-    __m512i acc[MR][NB];
-    for (int r = 0; r < MR; ++r)
-        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
-    const uint8_t* ar[MR];
-    for (int r = 0; r < MR; ++r) ar[r] = a.q + static_cast<size_t>(r0 + r) * a.lda;
-    for (int k4 = 0; k4 < w.k4; ++k4) {
-        __m512i bv[NB];
-        for (int j = 0; j < NB; ++j) bv[j] = _mm512_loadu_si512(b + (static_cast<size_t>(k4) * NB + j) * 64);
+// acc[s] += rows `ar` times the packed weights at `b` over the groups of 4 rows of K [k4_0, k4_1) (NB 16-column
+// blocks, 64 bytes each, per group): consecutive groups go to the S accumulator sets in turn (S = 4 / NB, so with
+// fewer than 4 column blocks MR x 4 multiply-add chains still run; summed at the end, INT32 addition is exact).
+// The dense tile and the block-sparse one share it: the same loop, and the same registers (no spills).
+template <int MR, int NB, int S>
+static inline void accumulate(__m512i (&acc)[S][MR][NB], const uint8_t* const (&ar)[MR], const int8_t* b, int k4_0,
+                              int k4_1) {
+    int k4 = k4_0;
+    for (; k4 + S <= k4_1; k4 += S)
+        for (int s = 0; s < S; ++s) {
+            const int8_t* bk = b + static_cast<size_t>(k4 + s - k4_0) * NB * 64;
+            __m512i bv[NB];
+            for (int j = 0; j < NB; ++j) bv[j] = _mm512_loadu_si512(bk + j * 64);
+            for (int r = 0; r < MR; ++r) {
+                int32_t four;
+                std::memcpy(&four, ar[r] + 4 * (k4 + s), 4);
+                const __m512i av = _mm512_set1_epi32(four);
+                for (int j = 0; j < NB; ++j) acc[s][r][j] = _mm512_dpbusd_epi32(acc[s][r][j], av, bv[j]);
+            }
+        }
+    for (; k4 < k4_1; ++k4) {
+        const int8_t* bk = b + static_cast<size_t>(k4 - k4_0) * NB * 64;
         for (int r = 0; r < MR; ++r) {
             int32_t four;
             std::memcpy(&four, ar[r] + 4 * k4, 4);
             const __m512i av = _mm512_set1_epi32(four);
-            for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
+            for (int j = 0; j < NB; ++j)
+                acc[0][r][j] = _mm512_dpbusd_epi32(acc[0][r][j], av, _mm512_loadu_si512(bk + j * 64));
         }
     }
-    store_tile<MR, NB>(g, w.n, w.colsum, w.scale, w.bias, r0, panel * 64, acc);
 }
 
-// A tile of a block-sparse matmul: only the group's kept blocks. With fewer than 4 column blocks (NB), consecutive
-// groups of 4 rows of K go to S = 4 / NB separate accumulators (summed at the end: INT32 addition is exact, so the
-// result is the dense one), which keeps MR x 4 multiply-add chains in flight as the dense tile does.
-template <int MR, int NB>
-static void sparse_tile(const GemmArgs& g, int group, int r0) {
-    constexpr int S = 4 / NB;
-    const QuantRows& a = *g.a;
-    const SparsePacked& w = *g.s;
-    __m512i acc[S][MR][NB];
+template <int MR, int NB, int S>
+static inline void start(__m512i (&acc)[S][MR][NB], const uint8_t* (&ar)[MR], const QuantRows& a, int r0) {
     for (int s = 0; s < S; ++s)
         for (int r = 0; r < MR; ++r)
             for (int j = 0; j < NB; ++j) acc[s][r][j] = _mm512_setzero_si512();
-    const uint8_t* ar[MR];
     for (int r = 0; r < MR; ++r) ar[r] = a.q + static_cast<size_t>(r0 + r) * a.lda;
-    const int8_t* b = w.data + w.offset[group];
-    const size_t block_bytes = static_cast<size_t>(w.bk4) * NB * 64;
-    for (int i = w.ptr[group]; i < w.ptr[group + 1]; ++i, b += block_bytes) {
-        const int k4_0 = w.kblock[i] * w.bk4, k4_1 = std::min(k4_0 + w.bk4, w.k4);
-        int k4 = k4_0;
-        for (; k4 + S <= k4_1; k4 += S)
-            for (int s = 0; s < S; ++s) {
-                const int8_t* bk = b + static_cast<size_t>(k4 + s - k4_0) * NB * 64;
-                __m512i bv[NB];
-                for (int j = 0; j < NB; ++j) bv[j] = _mm512_loadu_si512(bk + j * 64);
-                for (int r = 0; r < MR; ++r) {
-                    int32_t four;
-                    std::memcpy(&four, ar[r] + 4 * (k4 + s), 4);
-                    const __m512i av = _mm512_set1_epi32(four);
-                    for (int j = 0; j < NB; ++j) acc[s][r][j] = _mm512_dpbusd_epi32(acc[s][r][j], av, bv[j]);
-                }
-            }
-        for (; k4 < k4_1; ++k4) {
-            const int8_t* bk = b + static_cast<size_t>(k4 - k4_0) * NB * 64;
-            for (int r = 0; r < MR; ++r) {
-                int32_t four;
-                std::memcpy(&four, ar[r] + 4 * k4, 4);
-                const __m512i av = _mm512_set1_epi32(four);
-                for (int j = 0; j < NB; ++j)
-                    acc[0][r][j] = _mm512_dpbusd_epi32(acc[0][r][j], av, _mm512_loadu_si512(bk + j * 64));
-            }
-        }
-    }
+}
+
+template <int MR, int NB, int S>
+static inline void finish(__m512i (&acc)[S][MR][NB]) {
     for (int s = 1; s < S; ++s)
         for (int r = 0; r < MR; ++r)
             for (int j = 0; j < NB; ++j) acc[0][r][j] = _mm512_add_epi32(acc[0][r][j], acc[s][r][j]);
+}
+
+template <int MR, int NB>
+static void tile(const GemmArgs& g, int panel, int r0) {
+    constexpr int S = 4 / NB;
+    const Packed& w = *g.w;
+    __m512i acc[S][MR][NB];
+    const uint8_t* ar[MR];
+    start(acc, ar, *g.a, r0);
+    const int8_t* b = w.panel_data(panel);
+    // in chunks of K, as the block-sparse tile walks its blocks: in this shape GCC keeps all accumulators in
+    // registers (one loop over all of K spilled one per step)
+    constexpr int kChunk = 16;
+    for (int k4 = 0; k4 < w.k4; k4 += kChunk, b += static_cast<size_t>(kChunk) * NB * 64)
+        accumulate(acc, ar, b, k4, std::min(k4 + kChunk, w.k4));
+    finish(acc);
+    store_tile<MR, NB>(g, w.n, w.colsum, w.scale, w.bias, r0, panel * 64, acc[0]);
+}
+
+// A tile of a block-sparse matmul: only the group's kept blocks, each accumulated as the dense tile's K is.
+template <int MR, int NB>
+static void sparse_tile(const GemmArgs& g, int group, int r0) {
+    constexpr int S = 4 / NB;
+    const SparsePacked& w = *g.s;
+    __m512i acc[S][MR][NB];
+    const uint8_t* ar[MR];
+    start(acc, ar, *g.a, r0);
+    const int8_t* b = w.data + w.offset[group];
+    const size_t block_bytes = static_cast<size_t>(w.bk4) * NB * 64;
+    for (int i = w.ptr[group]; i < w.ptr[group + 1]; ++i, b += block_bytes) {
+        const int k4_0 = w.kblock[i] * w.bk4;
+        accumulate(acc, ar, b, k4_0, std::min(k4_0 + w.bk4, w.k4));
+    }
+    finish(acc);
     store_tile<MR, NB>(g, w.n, w.colsum, w.scale, w.bias, r0, group * w.nb * 16, acc[0]);
 }
 
