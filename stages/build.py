@@ -226,7 +226,6 @@ class Builder:
             self.kernels("kernels_int8_sparse", sparse_block)
 
     def kernels(self, name: str, block: tuple[int, int] | None) -> None:
-        source = self.quantized / "model.int8.onnx"
         import distillery_kernels
 
         if not self.p.kernels:
@@ -236,10 +235,18 @@ class Builder:
         from distillery_kernels.engine import EngineError, EngineSession
 
         start = time.perf_counter()
-        try:
-            sess = EngineSession(source, self.rt.threads, block=block)
-        except EngineError as exc:
-            return self.skip(name, "kernels", "int8", f"cannot run {source.name}: {exc}", asked=False)
+        # quantize's choice, or where that is the static QDQ variant (no INT8 weights the engine takes) the
+        # dynamic variant quantize also wrote: a block-pruned student often gets the static one
+        chosen, dynamic = self.quantized / "model.int8.onnx", self.quantized / "variants" / "dynamic.onnx"
+        source, sess, why = None, None, ""
+        for candidate in (chosen, dynamic) if dynamic.is_file() else (chosen,):
+            try:
+                source, sess = candidate, EngineSession(candidate, self.rt.threads, block=block)
+                break
+            except EngineError as exc:
+                why += f"{'; ' if why else ''}cannot run {candidate.relative_to(self.quantized).as_posix()}: {exc}"
+        if sess is None:
+            return self.skip(name, "kernels", "int8", why, asked=False)
         seconds = time.perf_counter() - start
         sparse: dict[str, Any] = {}
         if block is not None:
@@ -262,7 +269,7 @@ class Builder:
             "backend": "kernels",
             "device": "cpu",
             "precision": "int8",
-            "source": source.name,
+            "source": source.relative_to(self.quantized).as_posix(),
             **sparse,
             "providers": sess.get_providers(),
             "size_mb": size_mb(source),

@@ -194,6 +194,28 @@ def test_the_kernels_engine_is_held_to_onnx_runtime_and_skipped_with_the_reason(
     assert manifest.engines["kernels_int8"].reason == "no compiler at install"
 
 
+def test_the_kernels_engines_run_the_dynamic_variant_where_quantize_chose_the_static_one(quantized, tmp_path):
+    """A static QDQ model.int8.onnx has no INT8 weights the engine takes: build runs the dynamic variant quantize
+    also wrote (and says so in `source`), or without one skips, naming the file."""
+    import shutil
+
+    q = tmp_path / "07_quantize"
+    shutil.copytree(quantized / "data/07_quantize", q)
+    shutil.copyfile(q / "variants/static.onnx", q / "model.int8.onnx")
+    texts = TokenizedTexts(load_tokenizer(q / "tokenizer"), ["where is my parcel", "refund my money"], 16)
+    p, rt = build.BuildParams(gpu=(), latency_runs=5), RuntimeParams(max_length=16)
+    (tmp_path / "a").mkdir()
+    manifest, _ = build.build_engines(q, tmp_path / "a", texts, p, rt, "abc")
+    kernels = manifest.engines["kernels_int8"]
+    assert kernels.built and kernels.source == "variants/dynamic.onnx" and kernels.parity["passed"]
+    assert kernels.model_path(tmp_path, q) == q / "variants/dynamic.onnx"
+    (q / "variants/dynamic.onnx").unlink()
+    (tmp_path / "b").mkdir()
+    manifest, _ = build.build_engines(q, tmp_path / "b", texts, p, rt, "abc")
+    kernels = manifest.engines["kernels_int8"]
+    assert kernels.status == "skipped" and kernels.reason.startswith("cannot run model.int8.onnx: ")
+
+
 def test_the_block_sparse_kernels_engine_needs_zero_blocks_and_matches_the_dense_one(quantized, tmp_path):
     """kernels_int8_sparse: off without build.kernels_sparse_block; skipped (saying the share) on a dense student;
     where built, the dense kernels engine's results (the same products, zero blocks skipped)."""
