@@ -9,11 +9,13 @@ less), never below `min_heads_per_layer` / `min_ffn_per_layer`. Then the student
 `optim.epochs` with the distillation loss (`kd:`) against the teacher's soft labels, on the `training:`
 engine.
 
-`magnitude` > 0 adds global magnitude pruning over the encoder's matrices, reaching that sparsity along a
-cosine schedule during recovery: of single weights, or with `magnitude_block` of whole blocks (block_k inputs x
-block_n outputs, ranked by mean |w|), the blocks the block-sparse INT8 kernels skip. Zeros stored in dense
-matrices make no dense runtime faster: metrics.json says so. `heads: 0`, `ffn: 0` and `magnitude: 0` pass the
-student through unchanged.
+`magnitude` > 0 adds magnitude pruning over the encoder's matrices, reaching that sparsity along a cosine
+schedule over the first `magnitude_ramp` of recovery (rounded up to whole epochs), then fine-tuning at it: of
+single weights, or with `magnitude_block` of whole blocks (block_k inputs x block_n outputs, ranked by mean |w|),
+the blocks the block-sparse INT8 kernels skip; the same share of each matrix (`magnitude_scope: matrix`) or
+under one threshold for all (`global`, which can empty a matrix whose weights are small). The best epoch is
+chosen among those at the target. Zeros stored in dense matrices make no dense runtime faster: metrics.json says
+so. `heads: 0`, `ffn: 0` and `magnitude: 0` pass the student through unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class PruneParams:
     # None: single weights (unstructured); [block_k, block_n]: whole blocks of block_k inputs x block_n outputs,
     # the blocks the block-sparse INT8 kernels skip (kernels/: block_k a multiple of 4, block_n 16, 32 or 64)
     magnitude_block: tuple[int, int] | None = None
+    magnitude_ramp: float = 0.5  # share of recovery over which sparsity rises to `magnitude` (whole epochs)
+    magnitude_scope: str = "matrix"  # matrix: each loses the same share; global: one threshold over all matrices
     optim: OptimParams = field(default_factory=lambda: OptimParams(epochs=2, lr=1e-4, batch_size=32))
 
     def __post_init__(self) -> None:
@@ -61,6 +65,11 @@ class PruneParams:
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ParamError(f"prune.{key} must be a share in [0, 1), got {value!r}")
         object.__setattr__(self, "magnitude_block", block_shape(self.magnitude_block, "prune.magnitude_block"))
+        ramp = self.magnitude_ramp
+        if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or not 0.0 < ramp <= 1.0:
+            raise ParamError(f"prune.magnitude_ramp must be a share in (0, 1], got {ramp!r}")
+        if self.magnitude_scope not in ("global", "matrix"):
+            raise ParamError(f"prune.magnitude_scope must be global or matrix, got {self.magnitude_scope!r}")
         for key in ("min_heads_per_layer", "min_ffn_per_layer", "importance_batches"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ParamError(f"prune.{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -68,6 +77,11 @@ class PruneParams:
     @property
     def structured(self) -> bool:
         return self.heads > 0 or self.ffn > 0
+
+    @property
+    def ramp_epochs(self) -> int:
+        """The recovery epochs over which magnitude sparsity ramps up; the best epoch is chosen after them."""
+        return max(1, math.ceil(round(self.magnitude_ramp * self.optim.epochs, 9)))
 
 
 def _owned(layer: nn.Module) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[torch.Tensor, int]]]:
@@ -159,28 +173,32 @@ def block_scores(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def magnitude_masks(
-    weights: list[torch.Tensor], sparsity: float, block: tuple[int, int] | None = None
+    weights: list[torch.Tensor], sparsity: float, block: tuple[int, int] | None = None, per_matrix: bool = False
 ) -> list[torch.Tensor]:
     """Keep-masks zeroing the `sparsity` share of smallest |w| across all matrices (one global threshold), or with
-    `block` the share of blocks of smallest mean |w|."""
+    `block` the share of blocks of smallest mean |w|; `per_matrix`: each matrix loses that share by its own
+    threshold (no matrix is emptied because its weights are smaller than another's)."""
     scores = [block_scores(w, block) if block else w.detach().abs() for w in weights]
-    flat = torch.cat([s.flatten() for s in scores])
-    k = int(sparsity * flat.numel())
-    if k == 0:
-        return [torch.ones_like(w, dtype=torch.bool) for w in weights]
-    threshold = torch.kthvalue(flat, k).values
+    keep = []
+    for group in [[x] for x in scores] if per_matrix else [scores]:
+        flat = torch.cat([x.flatten() for x in group])
+        k = int(sparsity * flat.numel())
+        threshold = torch.kthvalue(flat, k).values if k else None
+        keep += [x > threshold if threshold is not None else torch.ones_like(x, dtype=torch.bool) for x in group]
     if not block:
-        return [s > threshold for s in scores]
+        return keep
     bk, bn = block
     return [
-        (s > threshold).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: w.shape[0], : w.shape[1]]
-        for s, w in zip(scores, weights, strict=True)
+        m.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: w.shape[0], : w.shape[1]]
+        for m, w in zip(keep, weights, strict=True)
     ]
 
 
 @torch.no_grad()
-def apply_masks(weights: list[torch.Tensor], sparsity: float, block: tuple[int, int] | None = None) -> None:
-    for w, keep in zip(weights, magnitude_masks(weights, sparsity, block), strict=True):
+def apply_masks(
+    weights: list[torch.Tensor], sparsity: float, block: tuple[int, int] | None = None, per_matrix: bool = False
+) -> None:
+    for w, keep in zip(weights, magnitude_masks(weights, sparsity, block, per_matrix), strict=True):
         w.mul_(keep)
 
 
@@ -196,7 +214,7 @@ def sparsity_of(weights: list[torch.Tensor]) -> float:
 
 
 def cosine_sparsity(target: float, step: int, total: int) -> float:
-    """0 at the start of recovery, `target` at the end, along half a cosine (gentle at both ends)."""
+    """0 at step 0, `target` from step `total` on, along half a cosine (gentle at both ends)."""
     return target * 0.5 * (1.0 - math.cos(math.pi * min(1.0, step / max(1, total))))
 
 
@@ -247,12 +265,14 @@ def prune(
         metrics["removed"] = remove_units(student, targets, p, kd)
     metrics["after_pruning_before_recovery"] = {"val": evaluate(student, tokenizer, val, labels, p.optim.max_length)}
     name, why, zero_stage = engine
-    on_step, weights = None, encoder_matrices(student)
+    on_step, weights, select_from = None, encoder_matrices(student), 1
     if p.magnitude > 0:
         name, why = "torch", "prune.magnitude > 0 edits weights every step: torch engine"
+        select_from, per_matrix = p.ramp_epochs, p.magnitude_scope == "matrix"
 
-        def on_step(_: nn.Module, step: int, total: int) -> None:
-            apply_masks(weights, cosine_sparsity(p.magnitude, step, total), p.magnitude_block)
+        def on_step(_: nn.Module, step: int, total: int) -> None:  # the ramp ends with epoch `select_from`
+            ramp = total * select_from // p.optim.epochs
+            apply_masks(weights, cosine_sparsity(p.magnitude, step, ramp), p.magnitude_block, per_matrix)
 
     result = distill_student(
         student,
@@ -267,9 +287,10 @@ def prune(
         name="prune: recovery",
         teacher=teacher,
         on_epoch=on_epoch,
+        select_from=select_from,
     )
-    if p.magnitude > 0:  # the best epoch may predate the schedule's end: reach the target exactly
-        apply_masks(weights, p.magnitude, p.magnitude_block)
+    if p.magnitude > 0:  # the chosen epoch trained at the target; this only re-asserts it
+        apply_masks(weights, p.magnitude, p.magnitude_block, per_matrix)
     metrics["recovery"] = result.summary()
     metrics["recovery"]["engine"]["chosen_by"] = why
     return metrics, {"recovery": result.timings()}

@@ -293,11 +293,12 @@ def distill_student(
     name: str = "train: student distillation",
     teacher: TextClassifier | None = None,
     on_epoch: Any = None,
+    select_from: int = 1,
 ) -> FitResult:
     """Train the student in place on `targets` (its best epoch's weights are left in it); `engine` is
     (engine name, ZeRO stage). `on_step(distiller, step, total)` runs after each optimizer step and
-    `on_epoch(epoch, record)` after each epoch (see `fit`). The layer terms of `kd` need `teacher` and
-    `targets.teacher_texts`."""
+    `on_epoch(epoch, record)` after each epoch; the best epoch is one from `select_from` on (see `fit`). The
+    layer terms of `kd` need `teacher` and `targets.teacher_texts`."""
     terms = None
     if kd.layers:
         if teacher is None or targets.teacher_texts is None:
@@ -328,6 +329,7 @@ def distill_student(
             zero_stage=engine[1],
             on_step=on_step,
             on_epoch=on_epoch,
+            select_from=select_from,
         )
     finally:
         if restore is not None:

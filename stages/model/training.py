@@ -394,8 +394,14 @@ class _Best:
     stale: int = 0
     stopped_early: bool = False
 
-    def update(self, run: _Run, epoch: int, acc: float) -> str:
-        """Take epoch `epoch`'s accuracy; returns the epoch's summary line."""
+    def update(self, run: _Run, epoch: int, acc: float, select_from: int = 1) -> str:
+        """Take epoch `epoch`'s accuracy; returns the epoch's summary line. An epoch before `select_from` is
+        reported but neither chosen nor counted toward patience."""
+        if epoch < select_from:
+            return (
+                f"{run.name}: epoch {epoch}/{run.p.epochs}  loss {run.curves[-1]['loss']:.4f}  val accuracy {acc:.4f}"
+                f"  (not chosen: the best is taken from epoch {select_from})  {time.perf_counter() - run.start:.0f} s"
+            )
         better = acc > self.accuracy
         if better:
             self.accuracy, self.epoch, self.state, self.stale = acc, epoch, run.runner.state(), 0
@@ -440,6 +446,16 @@ def _epoch(run: _Run, epoch: int, batches: list[np.ndarray], advance: Callable[[
         advance(f"epoch {epoch} loss {loss.item():.4f} {rate:.0f} rows/s")
 
 
+def _runner(model: nn.Module, p: OptimParams, schedule: Any, device: torch.device, engine: str, zero_stage: int,
+            name: str, edits: bool) -> Any:  # fmt: skip
+    """The training engine; `edits`: the caller edits weights after each step (DeepSpeed keeps its own copies)."""
+    if engine == "deepspeed" and edits:
+        raise StageError(f"{name}: per-step weight edits (magnitude pruning) need the torch engine")
+    if engine == "deepspeed":
+        return DeepSpeedEngine(model, p, schedule, device, zero_stage)
+    return TorchEngine(model, p, schedule, device)
+
+
 def fit(
     model: nn.Module,
     n_rows: int,
@@ -453,13 +469,17 @@ def fit(
     device: torch.device | None = None,
     on_step: Callable[[nn.Module, int, int], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    select_from: int = 1,
 ) -> FitResult:
     """Train `model` on rows 0..n_rows-1. `step_loss(forward, rows, device)` returns a batch's loss, calling
     `forward(**batch)` for the model; `lengths` (tokens per row) lets batches group rows of similar length;
     `val_accuracy(model)` runs after each epoch on the plain module; `on_step(model, step, total)` after each
     optimizer step (e.g. to apply pruning masks; torch engine only, DeepSpeed keeps its own weight copies);
     `on_epoch(epoch, {"loss", "lr", "val_accuracy"})` after each epoch on rank 0 (tracking; an exception
-    it raises, such as a search pruning the trial, ends the run)."""
+    it raises, such as a search pruning the trial, ends the run). `select_from`: the first epoch that may be
+    the best (earlier ones train on, e.g. while a sparsity schedule ramps up)."""
+    if not 1 <= select_from <= p.epochs:
+        raise StageError(f"{name}: select_from must be an epoch in [1, {p.epochs}], got {select_from}")
     device = device or default_device()
     mode = make_deterministic(p.seed, p.deterministic)
     rng = np.random.default_rng(p.seed)
@@ -469,13 +489,7 @@ def fit(
     micro_per_epoch = max(1, math.ceil(n_rows / p.batch_size) // world_size)
     total = math.ceil(micro_per_epoch / p.grad_accum) * p.epochs
     schedule = cosine_with_warmup(total, int(p.warmup_ratio * total))
-    if engine == "deepspeed" and on_step is not None:
-        raise StageError(f"{name}: per-step weight edits (magnitude pruning) need the torch engine")
-    runner = (
-        DeepSpeedEngine(model, p, schedule, device, zero_stage)
-        if engine == "deepspeed"
-        else TorchEngine(model, p, schedule, device)
-    )
+    runner = _runner(model, p, schedule, device, engine, zero_stage, name, edits=on_step is not None)
     run = _Run(runner, step_loss, device, p, name, total, on_step, start=time.perf_counter())
     best = _Best()
     with Progress(name, total=total, enabled=rank == 0) as bar:
@@ -485,7 +499,7 @@ def fit(
             _epoch(run, epoch, batches[:micro_per_epoch], lambda info: bar.advance(info=info))
             acc = agree(val_accuracy(runner.module))
             run.curves[-1]["val_accuracy"] = round(acc, 6)
-            bar.note(best.update(run, epoch, acc))
+            bar.note(best.update(run, epoch, acc, select_from))
             if on_epoch is not None and rank == 0:
                 losses = [row["loss"] for row in run.curves if row["epoch"] == epoch]
                 on_epoch(epoch, {"loss": round(sum(losses) / len(losses), 6), "lr": run.curves[-1]["lr"],

@@ -91,6 +91,19 @@ def test_block_magnitude_zeroes_whole_kernel_blocks_at_its_share():
         prune.PruneParams(magnitude=0.5, magnitude_block=[6, 16])
 
 
+def test_per_matrix_scope_takes_the_same_share_of_each_matrix_where_global_empties_the_small_one():
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(64, 64, generator=gen), 0.1 * torch.randn(64, 64, generator=gen)]  # one 10x smaller
+    glob = prune.magnitude_masks(weights, 0.5, (16, 16))
+    assert glob[1].sum() == 0 and glob[0].float().mean() == 1.0  # the smaller matrix goes entirely
+    for keep in prune.magnitude_masks(weights, 0.5, (16, 16), per_matrix=True):
+        assert keep.float().mean() == pytest.approx(0.5)
+    singles = prune.magnitude_masks(weights, 0.25, per_matrix=True)
+    assert all(keep.float().mean() == pytest.approx(0.75, abs=1 / 4096) for keep in singles)
+    with pytest.raises(ParamError, match="prune.magnitude_scope must be global or matrix"):
+        prune.PruneParams(magnitude=0.5, magnitude_scope="layer")
+
+
 def test_choose_removed_keeps_the_per_layer_minimum():
     scores = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.9, 0.8, 0.7])]
     assert prune.choose_removed(scores, 0.5, 1) == [[0, 1], [2]]
@@ -121,3 +134,29 @@ def test_prune_core_on_tiny_inputs(inputs):
     assert sum(s["heads"] for s in layer_shapes(student)) == 4
     assert sum(len(h) for h in report["removed"]["heads"].values()) == 4
     assert report["recovery"]["engine"]["chosen_by"] == "test" and timings["recovery"]["seconds"] >= 0
+
+
+def test_magnitude_ramps_over_its_share_of_recovery_and_the_best_epoch_is_one_at_the_target(inputs):
+    """magnitude_ramp 0.5 of 4 epochs: sparsity rises through epochs 1-2 and holds for 3-4; epoch 1 (below the
+    target) is never chosen, whatever its accuracy."""
+    import polars as pl
+
+    from stages.model.distillation import KdParams, soft_targets
+    from stages.model.training import OptimParams
+
+    d = inputs / "data"
+    student, tok, labels = load(d / "05_train/student")
+    targets = soft_targets(tok, pl.read_parquet(d / "03_augment/train.parquet").sort("id"),
+                           pl.read_parquet(d / "04_distill/soft_labels.parquet"), labels, 16)  # fmt: skip
+    p = prune.PruneParams(heads=0.0, ffn=0.0, magnitude=0.6, magnitude_ramp=0.5,
+                          optim=OptimParams(epochs=4, batch_size=8, max_length=16, patience=4))  # fmt: skip
+    assert p.ramp_epochs == 2
+    seen = {}
+    weights = prune.encoder_matrices(student)
+    report, _ = prune.prune(student, tok, targets, pl.read_parquet(d / "02_clean/val.parquet"), labels, p,
+                            KdParams(), ("torch", "test", 0),
+                            on_epoch=lambda epoch, _: seen.update({epoch: prune.sparsity_of(weights)}))  # fmt: skip
+    assert 0.1 < seen[1] < 0.5 and all(seen[e] == pytest.approx(0.6, abs=0.01) for e in (2, 3, 4)), seen
+    assert report["recovery"]["best_epoch"] >= 2
+    with pytest.raises(ParamError, match=r"prune.magnitude_ramp must be a share in \(0, 1\]"):
+        prune.PruneParams(magnitude=0.5, magnitude_ramp=0.0)
