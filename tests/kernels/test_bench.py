@@ -1,4 +1,4 @@
-"""bench/kernels.py: each ONNX Runtime graph it times computes what the operator beside it computes (so the table
+"""bench/kernels_speed.py: each ONNX Runtime graph it times computes what the operator beside it computes (so the table
 compares like with like), and the script runs end to end on a few calls (timings are not tested)."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytest
 import distillery_kernels as kernels
 from stages.runtime.sessions import session
 
-SPEC = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).resolve().parents[2] / "bench/kernels.py")
+SPEC = importlib.util.spec_from_file_location(
+    "bench_kernels", Path(__file__).resolve().parents[2] / "bench/kernels_speed.py"
+)
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 ops = kernels.require()
