@@ -718,10 +718,12 @@ def front_png(rows: list[dict[str, Any]], p: SearchParams, chosen: dict[str, Any
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    from stages.storage.atomic import outputs
+
+    # a temporary file of its own: workers sharing a study each write the report, the last one wins
+    with outputs() as w:
+        w.file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def report(ctx: Context, study: Any, log: Any) -> dict[str, Any]:

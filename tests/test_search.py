@@ -132,6 +132,32 @@ def exp_names(root: Path) -> dict[str, dict]:
     return out
 
 
+def test_two_workers_writing_the_plot_at_once_both_succeed(tmp_path, monkeypatch):
+    """Workers sharing a study each write front.png; one writing while the other is mid-write must not take
+    the other's temporary file (a shared temporary name failed the second rename)."""
+    from matplotlib.figure import Figure
+
+    from flows import search as mod
+
+    def row(n, acc, ms):
+        return {"number": n, "state": "COMPLETE", "val_accuracy": acc, "latency_ms": ms, "feasible": True,
+                "on_front": True}  # fmt: skip
+
+    rows, path = [row(0, 0.9, 0.3), row(1, 0.92, 0.4)], tmp_path / "front.png"
+    p = SearchParams(max_latency_ms=1.0, space=SPACE)
+    save, inner = Figure.savefig, []
+
+    def savefig(fig, fname, *args, **kwargs):
+        save(fig, fname, *args, **kwargs)
+        if not inner:  # the other worker writes its plot between this one's write and its rename
+            inner.append(fname)
+            mod.front_png(rows, p, rows[1], tmp_path, path)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    mod.front_png(rows, p, rows[0], tmp_path, path)
+    assert inner and path.stat().st_size > 10_000 and sorted(x.name for x in tmp_path.iterdir()) == ["front.png"]
+
+
 @pytest.mark.slow
 def test_a_study_of_dvc_experiments_resumes_with_two_workers(tmp_path, prefect_harness):
     from flows.search import search

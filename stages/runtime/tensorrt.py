@@ -71,9 +71,10 @@ def trt_build(onnx_path: Path, precision: str, p: TrtSettings) -> tuple[bytes, l
     if plan is None:
         raise StageError(f"TensorRT failed to build the {precision} engine from {onnx_path.name}")
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + ".tmp")
-    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp.replace(cache_path)
+    from stages.storage.atomic import outputs
+
+    with outputs() as w:  # a temporary name of its own: builds may share one timing cache
+        w.file(cache_path, lambda tmp: tmp.write_bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(plan)), errors
 
 
