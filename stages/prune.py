@@ -31,7 +31,14 @@ import polars as pl
 import torch
 from torch import nn
 
-from stages.model.distillation import KdParams, SoftTargets, distill_student, kd_loss, soft_targets
+from stages.model.distillation import (
+    KdParams,
+    SoftTargets,
+    distill_student,
+    kd_loss,
+    soft_targets,
+    teacher_on_mixed,
+)
 from stages.model.encoder import FLOPS_SEQ_LEN, TextClassifier, flops_per_token, layer_shapes, load, save, shrink_layer
 from stages.model.evaluation import evaluate
 from stages.model.training import OptimParams, TrainingParams, is_main_process, make_deterministic
@@ -325,10 +332,13 @@ def recover(args: Any, student: TextClassifier, tokenizer: Any, labels: dict[str
     training = read_params(TrainingParams, "training", args.params)
     train = read_frames(args.augment, ("train",), upstream="augment")["train"].sort("id")
     soft = read_frames(args.distill, ("soft_labels",), upstream="distill")["soft_labels"]
-    teacher, teacher_tok = None, None
-    if kd.layers:
+    teacher, teacher_tok, mixed = None, None, None
+    if kd.layers or kd.mix_share:
         teacher, teacher_tok, _ = load(args.distill / "teacher")
-    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok)
+    if kd.mix_share:  # seeded by prune.optim.seed: the same texts as train's where the seeds are equal
+        mixed = teacher_on_mixed(teacher, teacher_tok, train, kd, p.optim.max_length, p.optim.seed)
+    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok if kd.layers else None,
+                           mixed)  # fmt: skip
     engine = (*training.resolve(), training.zero_stage)
     main_rank = is_main_process()
     with EpochTracker(live, "prune", args.params) if main_rank else contextlib.nullcontext() as tracker:

@@ -19,7 +19,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from stages.model.distillation import KdParams, distill_student, soft_targets
+from stages.model.distillation import KdParams, distill_student, soft_targets, teacher_on_mixed
 from stages.model.encoder import FLOPS_SEQ_LEN, TextClassifier, flops_per_token, load, save
 from stages.model.evaluation import evaluate
 from stages.model.training import OptimParams, TrainingParams, is_main_process, make_deterministic
@@ -177,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     kept, tokenizer = trim_vocabulary(teacher_tok, train["text"].to_list()) if p.trim_vocab else (None, teacher_tok)
     student = build_student(teacher, kept, p)
     engine, why = training.resolve()
-    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok if kd.layers else None)
+    mixed = None
+    if kd.mix_share:
+        mixed = teacher_on_mixed(teacher, teacher_tok, train, kd, p.optim.max_length, p.optim.seed)
+    targets = soft_targets(tokenizer, train, soft, labels, p.optim.max_length, teacher_tok if kd.layers else None,
+                           mixed)  # fmt: skip
+    if mixed:
+        print(f"train: {len(mixed[0])} mixed rows (kd.mix_share {kd.mix_share}) with the teacher's soft labels")
     main_rank = is_main_process()
     with outputs() as w:  # DVCLive writes its folder epoch by epoch; it lands only if the stage succeeds
         tracker = (

@@ -10,6 +10,11 @@ token, on layers whose head counts match). The layer terms need the teacher's hi
 which no file holds (per token, for every training row, they would take gigabytes on Banking77 and tie
 distill's outputs to train's layer choice): the frozen teacher computes them with a row's first batch and
 they are kept in memory for later epochs (`TeacherStates`).
+
+Mixed rows (`mix_share`): texts made of the first half of one original training row and the second half of
+another of a different label, labelled by the teacher only (no hard label, so the cross-entropy skips them).
+On such in-between texts the teacher is unsure; a student that learns this is unsure where the teacher is on
+queries of no known intent, which is what out-of-scope rejection scores (`reject:`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from stages.model.encoder import TextClassifier, TokenizedTexts
+from stages.model.encoder import TextClassifier, TokenizedTexts, predict_logits
 from stages.model.evaluation import evaluate
 from stages.model.training import FitResult, OptimParams, fit
 from stages.runner.errors import ParamError, StageError
@@ -40,13 +45,14 @@ class KdParams:
     # teacher layer matched to each student layer; None: the layers the student was initialised from
     # (train.teacher_layers, recorded in its config.json), else evenly spaced, first and last included
     layer_map: tuple[int, ...] | None = None
+    mix_share: float = 1.0  # mixed rows added (train and prune make them), per original training row; 0 off
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ParamError(f"kd.alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             raise ParamError(f"kd.temperature must be > 0, got {self.temperature}")
-        for key in ("hidden_weight", "layer_hidden_weight", "layer_attention_weight"):
+        for key in ("hidden_weight", "layer_hidden_weight", "layer_attention_weight", "mix_share"):
             if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
                 raise ParamError(f"kd.{key} must be a number >= 0, got {getattr(self, key)!r}")
         if self.layer_map is not None:
@@ -63,15 +69,51 @@ class KdParams:
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
 ) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)."""
+    """alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels); the cross-entropy is the mean over
+    the rows with a label (a mixed row's label is MIXED)."""
     t = temperature
     soft = nn.functional.kl_div(
         nn.functional.log_softmax(student_logits / t, dim=-1),
         nn.functional.softmax(teacher_logits / t, dim=-1),
         reduction="batchmean",
     )
-    hard = nn.functional.cross_entropy(student_logits, labels)
+    known = labels != MIXED
+    if bool(known.all()):
+        hard = nn.functional.cross_entropy(student_logits, labels)
+    elif bool(known.any()):
+        hard = nn.functional.cross_entropy(student_logits[known], labels[known])
+    else:
+        return alpha * t * t * soft
     return alpha * t * t * soft + (1.0 - alpha) * hard
+
+
+MIXED = -100  # the label id of a mixed row: the teacher's soft labels only
+
+
+def mixed_texts(train: pl.DataFrame, share: float, seed: int) -> list[str]:
+    """round(share x original rows) texts, each the first half of one original row's words and the second half
+    of another's, of a different label; seeded, in a fixed order."""
+    rows = train.filter(pl.col("op") == "original") if "op" in train.columns else train
+    texts, label_of = rows["text"].to_list(), rows["label"].to_list()
+    if len(set(label_of)) < 2:
+        return []
+    rng = np.random.default_rng([seed, 0x6D6978])
+    out = []
+    while len(out) < round(share * len(texts)):
+        a, b = (int(i) for i in rng.integers(0, len(texts), size=2))
+        if label_of[a] == label_of[b]:
+            continue
+        first, second = texts[a].split(), texts[b].split()
+        out.append(" ".join(first[: (len(first) + 1) // 2] + second[len(second) // 2 :]))
+    return out
+
+
+def teacher_on_mixed(teacher: TextClassifier, teacher_tokenizer: Any, train: pl.DataFrame, kd: KdParams,
+                     max_length: int, seed: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(texts, the teacher's logits, its pooled embeddings) of `kd.mix_share`'s mixed rows."""
+    texts = mixed_texts(train, kd.mix_share, seed)
+    logits, pooled = predict_logits(teacher, teacher_tokenizer, texts, max_length)
+    return texts, logits, pooled
 
 
 @dataclass(frozen=True)
@@ -81,7 +123,7 @@ class SoftTargets:
     texts: TokenizedTexts
     logits: torch.Tensor  # the teacher's logits
     pooled: torch.Tensor  # the teacher's pooled embedding
-    labels: torch.Tensor  # label ids
+    labels: torch.Tensor  # label ids (MIXED for a mixed row)
     teacher_texts: TokenizedTexts | None = None  # the same rows in the teacher's vocabulary (layer terms)
 
     def __len__(self) -> int:
@@ -90,23 +132,29 @@ class SoftTargets:
 
 def soft_targets(
     tokenizer: Any, train: pl.DataFrame, soft: pl.DataFrame, labels: dict[str, int], max_length: int,
-    teacher_tokenizer: Any = None,
+    teacher_tokenizer: Any = None, mixed: tuple[list[str], torch.Tensor, torch.Tensor] | None = None,
 ) -> SoftTargets:  # fmt: skip
     """Join `train` (sorted by id) with distill's soft labels; a row without soft labels is an error. With
     `teacher_tokenizer` the rows are also tokenized for the teacher (the layer terms run it on each batch;
-    a trimmed student vocabulary gives the same word pieces under other ids)."""
+    a trimmed student vocabulary gives the same word pieces under other ids). `mixed` (`teacher_on_mixed`)
+    rows follow the training rows."""
     # the rows keep train's order (sorted by id): the batches, and so the weights, depend on it
     joined = train.join(soft, on="id", how="left", maintain_order="left")
     missing = joined.filter(pl.col("logits").is_null())["id"].to_list()
     if missing:
         raise StageError(f"soft labels missing for {len(missing)} training row(s), e.g. {missing[:3]}; rerun distill")
+    texts = joined["text"].to_list()
+    logits = torch.tensor(np.array(joined["logits"].to_list(), dtype=np.float32))
+    pooled = torch.tensor(np.array(joined["embedding"].to_list(), dtype=np.float32))
+    ids = torch.tensor([labels[x] for x in joined["label"]])
+    if mixed and mixed[0]:
+        texts = texts + mixed[0]
+        logits, pooled = torch.cat([logits, mixed[1].float()]), torch.cat([pooled, mixed[2].float()])
+        ids = torch.cat([ids, torch.full((len(mixed[0]),), MIXED, dtype=ids.dtype)])
     return SoftTargets(
-        TokenizedTexts(tokenizer, joined["text"].to_list(), max_length),
-        torch.tensor(np.array(joined["logits"].to_list(), dtype=np.float32)),
-        torch.tensor(np.array(joined["embedding"].to_list(), dtype=np.float32)),
-        torch.tensor([labels[x] for x in joined["label"]]),
-        None if teacher_tokenizer is None else TokenizedTexts(teacher_tokenizer, joined["text"].to_list(), max_length),
-    )
+        TokenizedTexts(tokenizer, texts, max_length), logits, pooled, ids,
+        None if teacher_tokenizer is None else TokenizedTexts(teacher_tokenizer, texts, max_length),
+    )  # fmt: skip
 
 
 def layer_map(student: TextClassifier, teacher: TextClassifier, kd: KdParams) -> tuple[int, ...]:

@@ -29,7 +29,8 @@ def inputs(tmp_path_factory) -> Path:
 def run_prune(root: Path, out: str, **params) -> dict:
     section = {"optim": RECOVERY, "min_heads_per_layer": 1, "min_ffn_per_layer": 8, **params}
     params_file = root / f"{out}.yaml"
-    shared = {"kd": {"alpha": 0.7, "temperature": 2.0}, "training": {"engine": "torch"}}
+    # the tiny inputs hold soft labels but no teacher folder, which mixed rows (kd.mix_share) need
+    shared = {"kd": {"alpha": 0.7, "temperature": 2.0, "mix_share": 0.0}, "training": {"engine": "torch"}}
     params_file.write_text(yaml.safe_dump({"prune": section, **shared}))
     d = root / "data"
     argv = ["--params", str(params_file), "--in", str(d / "05_train"), "--augment", str(d / "03_augment")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages.distill import soft_labels
-from stages.model.distillation import KdParams, distill_student, kd_loss, soft_targets
+from stages.model.distillation import KdParams, distill_student, kd_loss, soft_targets, teacher_on_mixed
 from stages.model.encoder import flops_per_token, load, save
 from stages.model.training import OptimParams, TrainingParams, finetune
 from stages.runner.errors import ParamError, StageError
@@ -287,3 +287,64 @@ def test_teacher_states_are_kept_for_later_epochs_and_match_the_computed_ones(fi
         assert none.kept == {}
     finally:
         teacher.set_attention("sdpa")
+
+
+def test_mixed_rows_join_halves_of_two_labels_and_carry_the_teachers_labels_only(fitted_teacher):
+    """kd.mix_share: seeded texts from halves of two original rows of different labels; their label is MIXED,
+    so the cross-entropy skips them (a batch of only mixed rows is the soft term alone, never NaN) and a batch
+    without any is the plain loss; train and prune make the same ones."""
+    from stages.model.distillation import MIXED, mixed_texts, teacher_on_mixed
+
+    teacher, tok, train, val = fitted_teacher
+    rows = train.with_columns(op=pl.lit("original"))
+    texts = mixed_texts(rows, 0.5, 7)
+    assert len(texts) == round(0.5 * rows.height) and texts == mixed_texts(rows, 0.5, 7) != mixed_texts(rows, 0.5, 8)
+    halves = [(t.split()[: (len(t.split()) + 1) // 2], t.split()[len(t.split()) // 2 :], label)
+              for t, label in zip(train["text"], train["label"], strict=True)]  # fmt: skip
+    for text in texts:
+        assert any(a + b == text.split() and la != lb for a, _, la in halves for _, b, lb in halves), text
+    kd = KdParams(mix_share=0.5)
+    mixed = teacher_on_mixed(teacher, tok, rows, kd, 16, 7)
+    assert mixed[0] == texts and mixed[1].shape == (len(texts), len(LABELS))
+    targets = soft_targets(tok, train, soft_labels(teacher, tok, train, 16), LABELS, 16, mixed=mixed)
+    assert len(targets) == train.height + len(texts)
+    assert (targets.labels[train.height :] == MIXED).all() and (targets.labels[: train.height] >= 0).all()
+
+    torch.manual_seed(0)
+    student, teacher_logits = torch.randn(6, len(LABELS)), torch.randn(6, len(LABELS))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = kd_loss(student, teacher_logits, labels, 0.7, 2.0)
+    assert torch.equal(plain, 0.7 * 4 * torch.nn.functional.kl_div(
+        torch.log_softmax(student / 2, -1), torch.softmax(teacher_logits / 2, -1), reduction="batchmean")
+        + 0.3 * torch.nn.functional.cross_entropy(student, labels))  # fmt: skip
+    half = kd_loss(student, teacher_logits, torch.tensor([0, 1, 2, MIXED, MIXED, MIXED]), 0.7, 2.0)
+    soft = kd_loss(student, teacher_logits, labels, 1.0, 2.0)
+    assert torch.allclose(half, 0.7 * soft + 0.3 * torch.nn.functional.cross_entropy(student[:3], labels[:3]))
+    only = kd_loss(student, teacher_logits, torch.full((6,), MIXED), 0.7, 2.0)
+    assert torch.isfinite(only) and torch.allclose(only, 0.7 * soft)
+    with pytest.raises(ParamError, match="kd.mix_share must be a number >= 0"):
+        KdParams(mix_share=-0.5)
+
+
+def test_a_student_trains_with_mixed_rows_and_follows_the_teacher_on_them(fitted_teacher):
+    """Training with mixed rows runs end to end and the student's distribution on unseen mixed texts ends
+    closer to the teacher's than a student trained without them."""
+    from stages.model.distillation import mixed_texts
+    from stages.model.encoder import predict_logits
+
+    teacher, tok, train, val = fitted_teacher
+    soft = soft_labels(teacher, tok, train, 16)
+    p = TrainParams(layers=1, hidden=32, heads=2, ffn=64, init="scratch", optim=OPTIM)
+    probe = mixed_texts(train, 1.0, 99)
+    want = torch.softmax(predict_logits(teacher, tok, probe, 16)[0], -1)
+    gaps = {}
+    for share in (0.0, 2.0):
+        kd = KdParams(mix_share=share)
+        mixed = teacher_on_mixed(teacher, tok, train, kd, 16, 0) if share else None
+        student = build_student(teacher, None, p)
+        targets = soft_targets(tok, train, soft, LABELS, 16, mixed=mixed)
+        result = distill_student(student, tok, targets, val, LABELS, kd, p.optim)
+        assert result.best_val_accuracy > 1 / len(LABELS)
+        got = torch.softmax(predict_logits(student, tok, probe, 16)[0], -1)
+        gaps[share] = float((got - want).abs().sum(-1).mean())
+    assert gaps[2.0] < gaps[0.0], gaps
