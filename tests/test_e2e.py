@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import yaml
 
 from flows.reproduce import rerun, table
 from tests.conftest import copy_project, dvc, pending
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_strings(root: Path) -> dict[str, bytes]:
@@ -57,6 +60,14 @@ def test_repro_then_clean_status_then_only_downstream_of_a_param_change(tmp_path
     assert pending(root) == {}
     assert len(list((root / "data").rglob("*.onnx"))) >= 5 and (root / "registry").is_dir()
     assert scan_outputs(root) == []  # no path, home or host name inside any output or published file
+    # bench/students_speed.py times runs' students side by side (here the run beside itself): a row per student
+    # and engine, the kernels engine's test accuracy, ratios against the first student's kernels row
+    speed = subprocess.run([sys.executable, str(ROOT / "bench/students_speed.py"), f"today={root}", f"new={root}",
+                            "--calls", "80", "--rounds", "4"], capture_output=True, text=True)  # fmt: skip
+    assert speed.returncode == 0, speed.stderr[-3000:]
+    rows = {tuple(line.split()[:2]): line.split() for line in speed.stdout.splitlines()[2:]}
+    assert set(rows) == {(s, e) for s in ("today", "new") for e in ("kernels", "ort_int8")}, speed.stdout
+    assert rows[("today", "kernels")][5] == "1.000" and rows[("today", "kernels")][2] == rows[("new", "kernels")][2]
     # Reproducible: every stage through quantize, rerun on the same inputs, writes the same bytes.
     checks = rerun(root, until="quantize")
     assert [c.stage for c in checks] == ["ingest", "clean", "augment", "distill", "train", "prune", "quantize"]
