@@ -1,10 +1,10 @@
 """Banking77 through the pipeline: teacher, student, pruned and INT8 student, engines and the benchmark.
 
-    python bench/banking77.py [--keep DIR] [--reuse DIR] [--distill-epochs 5] [--train-epochs 6] [--defaults]
+    python bench/banking77.py [--keep DIR] [--reuse DIR] [--distill-epochs 5] [--train-epochs 6]
 
 Runs `dvc repro --single-item` stage by stage on a scratch copy of the project with `ingest.source`
-pointed at ../shared/datasets/banking77 (label column `category`) and the recipe the student search chose there
-(`RECIPE`; `--defaults`: params.yaml's), times each stage, and prints one table:
+pointed at ../shared/datasets/banking77 (label column `category`) and params.yaml's recipe (what the student
+search chose there), times each stage, and prints one table:
 test accuracy, macro-F1, parameters, FLOPs per token, file size and model-only p50 latency at batch 1 in
 ONNX Runtime on 2 threads, with the targets of the distill/train and prune/quantize issues; then the fused
 engines `build` made, the `benchmark` stage's full table with the targets of those issues, and the version
@@ -62,25 +62,9 @@ DONE_WHEN = {  # a stage counts as done in a reused folder when this output exis
 }
 
 
-# The recipe the student search chose on Banking77 (bench/search_banking77.py, trial 19; its lr was 2.98e-4). Not
-# params.yaml's default: on the small demo data it leaves the student past publish's gate against the teacher.
-RECIPE = {"kd": {"temperature": 4.0, "layer_hidden_weight": 1.0}, "train": {"optim": {"lr": 3.0e-4}},
-          "prune": {"heads": 0.5, "ffn": 0.3}}  # fmt: skip
-
-
-def apply(params: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            apply(params.setdefault(key, {}), value)
-        else:
-            params[key] = value
-
-
-def configure(root: Path, distill_epochs: int, train_epochs: int, recipe: bool = True) -> None:
+def configure(root: Path, distill_epochs: int, train_epochs: int) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["ingest"].update(source=str(DATA / "train.csv"), test_source=str(DATA / "test.csv"), label_column="category")
-    if recipe:
-        apply(params, RECIPE)
     params["distill"]["optim"]["epochs"] = distill_epochs
     params["train"]["optim"]["epochs"] = train_epochs
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -172,7 +156,6 @@ def run_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--reuse", type=Path, help="a folder an earlier --keep left: run only the missing stages")
     ap.add_argument("--distill-epochs", type=int, default=5)
     ap.add_argument("--train-epochs", type=int, default=6)
-    ap.add_argument("--defaults", action="store_true", help="params.yaml's recipe, not the search's (RECIPE)")
     return ap
 
 
@@ -185,7 +168,7 @@ def project(args: argparse.Namespace, tmp: str) -> Path:
         refresh_code(args.reuse)
         return args.reuse
     root = copy_project(args.keep or Path(tmp) / "project")
-    configure(root, args.distill_epochs, args.train_epochs, recipe=not args.defaults)
+    configure(root, args.distill_epochs, args.train_epochs)
     return root
 
 

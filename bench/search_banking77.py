@@ -66,7 +66,7 @@ def prepare(root: Path) -> None:
         refresh_code(root)
     else:
         copy_project(root)
-        configure(root, distill_epochs=5, train_epochs=6, recipe=False)  # trial 0: params.yaml as it is
+        configure(root, distill_epochs=5, train_epochs=6)  # trial 0: params.yaml as it is
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["search"].update(study=STUDY, max_latency_ms=None, space=SPACE)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

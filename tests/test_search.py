@@ -108,6 +108,7 @@ def tiny_search_project(root: Path) -> Path:
     p["distill"]["optim"]["epochs"] = 1
     p["train"]["optim"]["epochs"] = 2
     p["prune"]["optim"]["epochs"] = 1
+    p["prune"]["ffn"] = 0.4  # on SPACE's grid: trial 0 (the workspace's params) is a point of the space
     p["quantize"].update(latency_runs=40, variants=["dynamic"])
     p["search"].update(trials=3, latency_runs=40, max_latency_ms=50.0, space=SPACE, pruner="none")
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
