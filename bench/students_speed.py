@@ -34,7 +34,8 @@ from stages.runtime.timing import percentiles, relative_speed, side_by_side  # n
 
 
 def student(name: str, run: Path, threads: int) -> dict:
-    """The folder's INT8 student on both engines, with its test texts' feeds and its recorded accuracy."""
+    """The folder's INT8 student on both engines, its test queries' feeds and its test accuracy on the kernels
+    engine."""
     import polars as pl
     import yaml
     from transformers import AutoTokenizer
@@ -115,7 +116,8 @@ def main() -> int:
     for key, values in samples.items():
         name, engine = key.split("|")
         r, p50 = runs[name], percentiles(values)["p50"]
-        out[key] = {"p50_ms": round(p50, 4), "ratio": round(ratios[key], 4), "test_accuracy": r["test_accuracy"]}
+        accuracy = round(r["test_accuracy"], 6)
+        out[key] = {"p50_ms": round(p50, 4), "ratio": round(ratios[key], 4), "test_accuracy": accuracy}
         acc = f"{r['test_accuracy']:.4f}"
         note = r["shape"] if engine == "kernels" else r["ort_source"]
         print(f"{name:<14}{engine:<10}{acc:>9}{r['size_mb']:>7.2f}{p50:>9.3f}{ratios[key]:>8.3f}  {note}")

@@ -167,7 +167,7 @@ class RejectParams:
     """params.yaml `reject:`, read by benchmark (which calibrates every method for every variant) and publish
     (which ships the chosen variant's rule for `method`)."""
 
-    method: str = "max_softmax"  # max_softmax, energy, mahalanobis, or none (always answer an intent)
+    method: str = "energy"  # energy, max_softmax, mahalanobis, or none (always answer an intent)
     in_scope_recall: float = 0.97  # share of validation rows of known intents the threshold keeps accepted
     label: str = "out_of_scope"  # what the server answers for a rejected text
 

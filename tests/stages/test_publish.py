@@ -284,7 +284,8 @@ def test_publish_adds_a_version_with_model_card_lineage_and_sums(project):
     rejection = json.loads((project / "data/09_benchmark/metrics.json").read_text())["variants"][r["variant"]][
         "rejection"
     ]
-    assert (rule.method, rule.threshold) == ("max_softmax", rejection["methods"]["max_softmax"]["threshold"])
+    method = yaml.safe_load((project / "params.yaml").read_text())["reject"]["method"]
+    assert (rule.method, rule.threshold) == (method, rejection["methods"][method]["threshold"])
     assert "  reject.json\n" in sums and "## Out-of-scope rejection" in (folder / "model_card.md").read_text()
 
     lineage = json.loads((folder / "lineage.json").read_text())
