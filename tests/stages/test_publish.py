@@ -504,6 +504,9 @@ def test_new_content_gets_a_new_version_an_existing_one_is_never_overwritten_and
     first = snapshot(project / "registry" / MODEL / "1.0.0")
     params = yaml.safe_load((project / "params.yaml").read_text())
     set_params(project, "runtime", per_channel=not params["runtime"]["per_channel"])
+    # Per-tensor INT8 may flip one of the demo's 48 validation rows (2.1%), which build.min_agreement 0.99 refuses:
+    # this test is about versions, not parity, so it allows that one flip (kernels_min_agreement's reasoning).
+    set_params(project, "build", min_agreement=0.97)
     # A size gate only INT8 files pass, so that the candidate is a file the quantize change rewrites.
     rows = json.loads((project / "data/09_benchmark/metrics.json").read_text())["variants"]
     int8 = max(r["size_mb"] for r in rows.values() if r["publishable"] and r["precision"] == "int8")
